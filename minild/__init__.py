@@ -1,0 +1,27 @@
+"""minild: a plugin-based mini latent-diffusion pipeline."""
+
+from minild.hookspecs import hookimpl
+from minild.plugins import PluginError, available, create, register_plugin, unregister_plugin
+from minild.schedule import NoiseSchedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NoiseSchedule",
+    "Pipeline",
+    "PluginError",
+    "available",
+    "create",
+    "hookimpl",
+    "register_plugin",
+    "unregister_plugin",
+]
+
+
+def __getattr__(name):
+    # The pipeline pulls in torchvision and friends; import it only when asked for.
+    if name == "Pipeline":
+        from minild.pipeline import Pipeline
+
+        return Pipeline
+    raise AttributeError(f"module 'minild' has no attribute {name!r}")

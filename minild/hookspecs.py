@@ -1,0 +1,130 @@
+"""The plugin contract of minild: every hook a plugin may implement.
+
+Hooks are called with keyword arguments only. An implementation may accept fewer
+arguments than the spec lists, so specs can grow without breaking plugins.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("minild")
+hookimpl = pluggy.HookimplMarker("minild")
+
+
+# ---------------------------------------------------------------------------
+# Registration: a plugin hands minild named factories for each kind of stage.
+# ``register(name, factory)`` raises if ``name`` is already taken by another
+# plugin. Factories are called with keyword arguments only; the keyword
+# arguments are recorded in the pipeline config, so they must be plain data
+# (numbers, strings, booleans, lists, dicts, None).
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def register_schedules(register):
+    """Register noise schedules.
+
+    ``register(name, factory)`` where ``factory(**params) -> minild.NoiseSchedule``.
+    The schedule holds 1-D float32 tensors of length ``num_timesteps`` indexed by
+    the training timestep t = 0 … T−1 (``betas``, ``alphas_cumprod``, …).
+    """
+
+
+@hookspec
+def register_models(register):
+    """Register eps-models (noise predictors).
+
+    ``register(name, factory)`` where ``factory(**params) -> torch.nn.Module`` whose
+    forward is ``model(x, t, class_labels=None, context=None) -> eps`` with
+
+    - ``x``: ``[B, C, H, W]`` float, the noisy image or latent x_t;
+    - ``t``: ``[B]`` int64 training timesteps in ``[0, num_timesteps)``;
+    - ``class_labels``: ``[B]`` int64 in ``[0, num_classes]`` (``num_classes`` is the
+      null class used for classifier-free guidance) or None;
+    - ``context``: ``[B, L, D]`` float text embeddings for cross-attention or None;
+    - returns ``eps``: ``[B, C, H, W]``, the predicted noise, same shape as ``x``.
+
+    A model that cannot use a given conditioning argument must raise ``ValueError``.
+    """
+
+
+@hookspec
+def register_samplers(register):
+    """Register samplers.
+
+    ``register(name, factory)`` where ``factory(schedule, **params)`` returns an
+    object with ``sample(model_fn, shape, *, num_inference_steps, generator=None,
+    latents=None, callback=None, **params) -> x0``:
+
+    - ``model_fn(x, t) -> eps``: ``x`` is ``[B, C, H, W]``, ``t`` a ``[B]`` int64 tensor;
+      conditioning and guidance are already folded into ``model_fn``;
+    - ``shape``: ``(B, C, H, W)`` of the samples;
+    - ``generator``: a ``torch.Generator`` (or a list of B generators, one per sample)
+      that every random draw goes through;
+    - ``latents``: optional ``[B, C, H, W]`` starting noise x_T;
+    - ``callback``: optional ``callback(info: dict)`` called after every step with at
+      least ``{"i", "t", "x", "x0_pred"}``;
+    - returns the final sample ``[B, C, H, W]`` in model space (images in [-1, 1]).
+    """
+
+
+@hookspec
+def register_vaes(register):
+    """Register autoencoders for latent diffusion.
+
+    ``register(name, factory)`` where ``factory(**params)`` returns a module with
+    ``encode(images [B, C, H, W] in [-1, 1]) -> latents [B, c, h, w]`` and
+    ``decode(latents) -> images``, plus ``latent_shape(image_shape) -> (c, h, w)``.
+    """
+
+
+@hookspec
+def register_text_encoders(register):
+    """Register text encoders (frozen conditioners).
+
+    ``register(name, factory)`` where ``factory(**params)`` returns an object with
+    ``encode(prompts: list[str]) -> context [B, L, D]`` and an ``embedding_dim`` (D).
+    """
+
+
+@hookspec
+def register_trainer_hooks(register):
+    """Register trainer hook plugins that a config can switch on by name.
+
+    ``register(name, factory)`` where ``factory(**params)`` returns an object
+    implementing any of the ``minild_*`` trainer hooks below. The trainer registers
+    that object with the plugin manager for the duration of one training run.
+    """
+
+
+# ---------------------------------------------------------------------------
+# Trainer hooks: called by ``minild.train.Trainer`` during ``Pipeline.train``.
+# ``trainer`` exposes ``pipeline``, ``model``, ``optimizer``, ``step`` (optimizer
+# steps done), ``epoch``, ``run_dir`` (may be None) and ``request_stop(reason)``.
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def minild_train_start(trainer):
+    """Training is about to take its first step (after any resume)."""
+
+
+@hookspec
+def minild_train_step_end(trainer, step, loss, lr, batch_size):
+    """One optimizer step finished.
+
+    ``step``: steps done so far (1 after the first step); ``loss``: that step's mean
+    eps-MSE as a Python float; ``lr``: learning rate used; ``batch_size``: images in it.
+    """
+
+
+@hookspec
+def minild_train_epoch_end(trainer, epoch, mean_loss):
+    """A full pass over the dataset finished; ``epoch`` counts from 1."""
+
+
+@hookspec
+def minild_train_end(trainer, reason):
+    """Training stopped; ``reason`` is ``"max_steps"``, ``"max_minutes"``,
+    ``"epochs"`` or the text given to ``trainer.request_stop``."""

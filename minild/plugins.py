@@ -1,0 +1,155 @@
+"""The plugin manager and the per-kind registries of named stage factories.
+
+Built-in stages and third-party ones are found the same way: through the ``minild``
+entry-point group. ``MINILD_LOAD_PLUGINS`` (comma-separated plugin names) limits
+which entry points load; set it to an empty string to load none.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pluggy
+
+from minild import hookspecs
+
+ENTRY_POINT_GROUP = "minild"
+
+# Each stage kind and the registration hook that fills its registry.
+KINDS = {
+    "schedule": "register_schedules",
+    "model": "register_models",
+    "sampler": "register_samplers",
+    "vae": "register_vaes",
+    "text_encoder": "register_text_encoders",
+    "hooks": "register_trainer_hooks",
+}
+
+
+class PluginError(ValueError):
+    """A plugin or stage name is wrong: unknown, duplicated, or badly registered."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    plugin: str  # the plugin (module or object) name that registered it
+    package: str  # the distribution that ships that plugin, or "" if none
+
+
+_manager: pluggy.PluginManager | None = None
+_registries: dict[str, dict[str, Registration]] | None = None
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, with entry-point plugins loaded."""
+    global _manager
+    if _manager is None:
+        pm = pluggy.PluginManager("minild")
+        pm.add_hookspecs(hookspecs)
+        _load_entry_points(pm)
+        pm.check_pending()
+        _manager = pm
+    return _manager
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    allow = os.environ.get("MINILD_LOAD_PLUGINS")
+    if allow is None:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        return
+    for name in filter(None, (n.strip() for n in allow.split(","))):
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+
+
+def register_plugin(plugin: object, name: str | None = None) -> str:
+    """Register a plugin object or module at run time (tests, notebooks, scripts).
+
+    Returns the name it was registered under; pass it to ``unregister_plugin``.
+    """
+    pm = get_plugin_manager()
+    registered = pm.register(plugin, name=name)
+    pm.check_pending()
+    _invalidate()
+    return registered
+
+
+def unregister_plugin(name: str) -> None:
+    get_plugin_manager().unregister(name=name)
+    _invalidate()
+
+
+def _invalidate() -> None:
+    global _registries
+    _registries = None
+
+
+def _package_of(pm: pluggy.PluginManager, plugin: object) -> str:
+    for candidate, dist in pm.list_plugin_distinfo():
+        if candidate is plugin:
+            return f"{dist.project_name} {dist.version}"
+    return ""
+
+
+def _collect(kind: str) -> dict[str, Registration]:
+    pm = get_plugin_manager()
+    hook = getattr(pm.hook, KINDS[kind])
+    registry: dict[str, Registration] = {}
+    # Call each implementation on its own so every name knows which plugin gave it.
+    for impl in reversed(hook.get_hookimpls()):
+        plugin_name = impl.plugin_name
+        package = _package_of(pm, impl.plugin)
+
+        def register(name: str, factory: Callable[..., Any], _plugin=plugin_name, _package=package):
+            if not isinstance(name, str) or not name:
+                raise PluginError(f"plugin {_plugin!r} registered a {kind} with a bad name {name!r}")
+            if not callable(factory):
+                raise PluginError(f"plugin {_plugin!r} registered {kind} {name!r} with a non-callable factory")
+            if name in registry:
+                other = registry[name].plugin
+                raise PluginError(
+                    f"{kind} {name!r} is registered twice: by plugin {other!r} and by plugin {_plugin!r}; "
+                    "uninstall one of them or limit plugins with MINILD_LOAD_PLUGINS"
+                )
+            registry[name] = Registration(kind, name, factory, _plugin, _package)
+
+        kwargs = {"register": register}
+        impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+    return registry
+
+
+def registry(kind: str) -> dict[str, Registration]:
+    """Name → Registration for one stage kind."""
+    global _registries
+    if kind not in KINDS:
+        raise PluginError(f"unknown stage kind {kind!r}; the kinds are: {', '.join(KINDS)}")
+    if _registries is None:
+        _registries = {}
+    if kind not in _registries:
+        _registries[kind] = _collect(kind)
+    return _registries[kind]
+
+
+def available(kind: str) -> list[str]:
+    """Sorted names of every registered stage of ``kind``."""
+    return sorted(registry(kind))
+
+
+def lookup(kind: str, name: str) -> Registration:
+    entries = registry(kind)
+    if name not in entries:
+        names = ", ".join(sorted(entries)) or "(none installed)"
+        raise PluginError(f"unknown {kind} {name!r}; available: {names}")
+    return entries[name]
+
+
+def create(kind: str, name: str, /, *args: Any, **params: Any) -> Any:
+    """Build the stage ``name`` of ``kind`` with keyword ``params``.
+
+    Samplers take the schedule as their one positional argument.
+    """
+    return lookup(kind, name).factory(*args, **params)

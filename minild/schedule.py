@@ -1,0 +1,47 @@
+"""The noise schedule as data: tensors computed once from the betas, plus pure functions.
+
+Index every tensor with the training timestep t = 0 … T−1 (the paper's t = 1 … T).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """Forward-process quantities of a variance schedule β_1 … β_T (all ``[T]`` float32)."""
+
+    betas: torch.Tensor  # β_t
+    alphas: torch.Tensor  # α_t = 1 − β_t
+    alphas_cumprod: torch.Tensor  # ᾱ_t = ∏_{s≤t} α_s
+    alphas_cumprod_prev: torch.Tensor  # ᾱ_{t−1}, with ᾱ_{−1} = 1
+    posterior_variance: torch.Tensor  # β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t)   (DDPM eq. 7)
+
+    @classmethod
+    def from_betas(cls, betas: torch.Tensor) -> "NoiseSchedule":
+        betas = torch.as_tensor(betas, dtype=torch.float32).detach().cpu()
+        if betas.ndim != 1 or len(betas) == 0:
+            raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
+        if not bool(((betas >= 0) & (betas < 1)).all()):
+            raise ValueError("betas must lie in [0, 1)")
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1), alphas_cumprod[:-1]])
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        return cls(betas, alphas, alphas_cumprod, alphas_cumprod_prev, posterior_variance)
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.betas)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """q(x_t | x_0): x_t = √ᾱ_t · x_0 + √(1 − ᾱ_t) · ε   (DDPM eq. 4).
+
+        ``x0`` and ``noise``: ``[B, ...]``; ``t``: ``[B]`` int64 timesteps.
+        """
+        alphas_cumprod = self.alphas_cumprod.to(device=x0.device)[t].to(x0.dtype)
+        alphas_cumprod = alphas_cumprod.reshape(-1, *([1] * (x0.ndim - 1)))
+        return alphas_cumprod.sqrt() * x0 + (1.0 - alphas_cumprod).sqrt() * noise
