@@ -83,6 +83,16 @@ def unregister_plugin(name: str) -> None:
     _invalidate()
 
 
+def reset_plugin_manager() -> None:
+    """Forget the manager and registries; the next use reloads the entry points.
+
+    Call this after installing a plugin package into a running interpreter.
+    """
+    global _manager
+    _manager = None
+    _invalidate()
+
+
 def _invalidate() -> None:
     global _registries
     _registries = None

@@ -1,0 +1,134 @@
+"""The ``minild`` command line: train, sample, plugins. Only this module prints and exits."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from minild import plugins
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (ValueError, FileNotFoundError, plugins.PluginError) as err:
+        print(f"minild: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minild", description="A plugin-based mini latent-diffusion pipeline.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a pipeline from a YAML config and save it")
+    train.add_argument("config", help="YAML config (see configs/)")
+    train.add_argument("--out", default=None, help="run directory to save into (default: runs/<config name>)")
+    train.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
+    train.add_argument("--max-minutes", type=float, default=None, help="stop after M minutes of training")
+    train.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default: from the config)")
+    train.add_argument("--grid", type=int, default=64, help="images in the sample grid written after training (0: none)")
+    train.set_defaults(run=_train)
+
+    sample = commands.add_parser("sample", help="sample a grid of images from a saved run")
+    sample.add_argument("run_dir", help="directory written by `minild train` or Pipeline.save_pretrained")
+    sample.add_argument("--num", type=int, default=64, help="number of images")
+    sample.add_argument("--steps", type=int, default=50, help="number of inference steps")
+    sample.add_argument("--sampler", default=None, help="sampler name (default: the run's sampler)")
+    sample.add_argument("--eta", type=float, default=None, help="DDIM eta (with --sampler ddim)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--class-label", type=int, default=None, help="generate only this class")
+    sample.add_argument("--guidance-scale", type=float, default=1.0, help="1.0 = plain conditional")
+    sample.add_argument("--no-ema", action="store_true", help="sample with the raw weights, not the EMA")
+    sample.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/samples.png)")
+    sample.set_defaults(run=_sample)
+
+    listing = commands.add_parser("plugins", help="list registered stages and the plugins that provide them")
+    listing.set_defaults(run=_plugins)
+    return parser
+
+
+def _train(args) -> int:
+    from minild.pipeline import Pipeline
+
+    pipe = Pipeline.from_config(args.config)
+    overrides = {}
+    if args.max_steps is not None:
+        overrides["max_steps"] = args.max_steps
+    if args.max_minutes is not None:
+        overrides["max_minutes"] = args.max_minutes
+    if args.device is not None:
+        overrides["device"] = args.device
+    run_dir = Path(args.out or Path("runs") / Path(args.config).stem)
+    result = pipe.train(run_dir=run_dir, **overrides)
+    pipe.save_pretrained(run_dir)
+    print(
+        f"trained {result.steps} steps ({result.epochs_completed} epochs) in {result.seconds:.0f}s, "
+        f"stopped by {result.reason}; final loss {_mean_tail(result.losses):.4f}; saved to {run_dir}"
+    )
+    if args.grid > 0:
+        path = run_dir / "samples.png"
+        labels = _grid_labels(pipe, args.grid)
+        images = pipe.generate(args.grid, class_labels=labels, seed=0)
+        save_grid(images, path)
+        print(f"wrote {path}")
+    return 0
+
+
+def _sample(args) -> int:
+    from minild.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.run_dir)
+    sampler = None
+    if args.sampler is not None or args.eta is not None:
+        sampler = {"name": args.sampler or pipe.config.sampler.name}
+        if args.eta is not None:
+            sampler["eta"] = args.eta
+    labels = [args.class_label] * args.num if args.class_label is not None else _grid_labels(pipe, args.num)
+    images = pipe.generate(
+        args.num, class_labels=labels, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
+        sampler=sampler, seed=args.seed, use_ema=not args.no_ema,
+    )
+    path = Path(args.out or Path(args.run_dir) / "samples.png")
+    save_grid(images, path)
+    print(f"wrote {path}")
+    return 0
+
+
+def _plugins(args) -> int:
+    rows = [("KIND", "NAME", "PLUGIN", "PACKAGE")]
+    for kind in plugins.KINDS:
+        for name, entry in sorted(plugins.registry(kind).items()):
+            rows.append((kind, name, entry.plugin, entry.package or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+    return 0
+
+
+def _grid_labels(pipe, num: int):
+    """Cycle through the classes for a class-conditional model, so the grid shows every digit."""
+    num_classes = getattr(pipe.model, "num_classes", None)
+    return None if num_classes is None else [i % num_classes for i in range(num)]
+
+
+def _mean_tail(values: list[float], n: int = 50) -> float:
+    tail = values[-n:]
+    return sum(tail) / max(len(tail), 1)
+
+
+def save_grid(images, path: str | Path, nrow: int | None = None) -> None:
+    """Write ``[B, C, H, W]`` images in [0, 1] as one PNG grid."""
+    import math
+
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, str(path), nrow=nrow or math.ceil(math.sqrt(len(images))), padding=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Weights on disk: safetensors only (no pickle), written atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``, so readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_weights(module: torch.nn.Module, path: str | Path) -> None:
+    # safetensors refuses shared or non-contiguous storage: store independent contiguous copies.
+    state = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in module.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp))
+
+
+def load_weights(module: torch.nn.Module, path: str | Path) -> None:
+    """Load weights saved by ``save_weights``; every key must match (strict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    state = load_file(str(path))
+    expected = module.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    resized = [
+        f"{key} {tuple(state[key].shape)} vs {tuple(tensor.shape)}"
+        for key, tensor in expected.items()
+        if key in state and state[key].shape != tensor.shape
+    ]
+    if missing or unexpected or resized:
+        raise ValueError(
+            f"{path} does not fit the configured {type(module).__name__}: "
+            f"missing keys {_first(missing)}, unexpected keys {_first(unexpected)}, "
+            f"shape mismatches (saved vs configured) {_first(resized)}; "
+            "was it saved from a pipeline with a different model config?"
+        )
+    module.load_state_dict(state)
+
+
+def _first(items: list[str], n: int = 3) -> str:
+    return "[" + ", ".join(items[:n]) + (", …" if len(items) > n else "") + "]"

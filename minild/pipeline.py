@@ -1,0 +1,248 @@
+"""``Pipeline``: the stages of one diffusion model, and train / generate / save / load.
+
+A pipeline is built from a config that names a registered plugin for every stage; the
+same config (with the image shape filled in) is written by ``save_pretrained``, so a
+saved pipeline reloads to the same stages and weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from minild import plugins
+from minild.config import PipelineConfig, StageSpec, load_config, parse_stage
+from minild.io import load_weights, save_weights
+from minild.train import Trainer, TrainResult, resolve_device
+
+CONFIG_NAME = "config.yaml"
+WEIGHTS_NAME = "model.safetensors"
+EMA_WEIGHTS_NAME = "ema.safetensors"
+
+
+class Pipeline:
+    """Schedule + eps-model + sampler (+ optional VAE and text encoder).
+
+    Attributes: ``config`` (``PipelineConfig``), ``schedule`` (``NoiseSchedule``),
+    ``model`` (the trained ``nn.Module``), ``ema_model`` (EMA weights, set by the
+    ``ema`` trainer hook, or None), ``sampler``, ``vae``, ``text_encoder``.
+    """
+
+    def __init__(self, config: PipelineConfig):
+        self.config = config
+        self.schedule = plugins.create("schedule", config.schedule.name, **config.schedule.params)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)  # the model's initial weights depend on the config alone
+            self.model = plugins.create("model", config.model.name, **config.model.params)
+        self.model.eval()
+        self.ema_model: torch.nn.Module | None = None
+        self.sampler = self._build_sampler(config.sampler)
+        self.vae = _optional_stage("vae", config.vae)
+        self.text_encoder = _optional_stage("text_encoder", config.text_encoder)
+
+    # -- construction ---------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: str | Path | dict[str, Any] | PipelineConfig) -> "Pipeline":
+        """Build an untrained pipeline from a YAML path, a dict or a ``PipelineConfig``."""
+        if not isinstance(config, PipelineConfig):
+            config = load_config(config)
+        return cls(config)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "Pipeline":
+        """Load a pipeline written by ``save_pretrained`` (safetensors weights, no pickle)."""
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(
+                f"{directory} is not a saved minild pipeline: {CONFIG_NAME} is missing "
+                "(save one with Pipeline.save_pretrained or `minild train CONFIG --out DIR`)"
+            )
+        pipe = cls(load_config(config_path))
+        load_weights(pipe.model, directory / WEIGHTS_NAME)
+        if (directory / EMA_WEIGHTS_NAME).is_file():
+            pipe.ema_model = copy.deepcopy(pipe.model)
+            load_weights(pipe.ema_model, directory / EMA_WEIGHTS_NAME)
+            pipe.ema_model.requires_grad_(False)
+        return pipe
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.yaml``, ``model.safetensors`` and (if any) ``ema.safetensors``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.config.image_shape is None:
+            self.config.image_shape = list(self.image_shape)
+        save_weights(self.model, directory / WEIGHTS_NAME)
+        if self.ema_model is not None:
+            save_weights(self.ema_model, directory / EMA_WEIGHTS_NAME)
+        else:
+            (directory / EMA_WEIGHTS_NAME).unlink(missing_ok=True)
+        self.config.dump(directory / CONFIG_NAME)
+
+    def _build_sampler(self, spec: StageSpec):
+        return plugins.create("sampler", spec.name, self.schedule, **spec.params)
+
+    # -- training -------------------------------------------------------------------
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of what the model denoises (latents when a VAE is used)."""
+        if self.config.image_shape is None:
+            shape = self.load_dataset().image_shape
+            if self.vae is not None:
+                shape = self.vae.latent_shape(shape)
+            self.config.image_shape = list(shape)
+        return tuple(self.config.image_shape)
+
+    def load_dataset(self):
+        from minild.data import load_dataset
+
+        data = self.config.data
+        return load_dataset(
+            data.dataset, root=data.root, image_size=data.image_size, channels=data.channels, split=data.split
+        )
+
+    def train(self, dataset=None, *, run_dir: str | Path | None = None, **overrides: Any) -> TrainResult:
+        """Train the eps-model; ``overrides`` replace ``train`` config keys for this call
+        (e.g. ``max_steps=100``). Uses the configured dataset unless one is given."""
+        train_config = copy.deepcopy(self.config.train)
+        for key, value in overrides.items():
+            if not hasattr(train_config, key):
+                raise TypeError(f"train() got an unknown option {key!r}")
+            setattr(train_config, key, value)
+        if dataset is None:
+            dataset = self.load_dataset()
+        if self.config.image_shape is None:
+            self.config.image_shape = list(dataset.images.shape[1:] if hasattr(dataset, "images") else dataset[0][0].shape)
+        return Trainer(self, train_config, run_dir=run_dir).fit(dataset)
+
+    # -- generation -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        num_images: int | None = None,
+        *,
+        class_labels: Sequence[int] | torch.Tensor | None = None,
+        prompts: Sequence[str] | None = None,
+        guidance_scale: float = 1.0,
+        num_inference_steps: int = 50,
+        sampler: str | dict[str, Any] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        seed: int | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pt",
+        use_ema: bool = True,
+        device: str | None = None,
+        callback: Callable[[dict], None] | None = None,
+    ):
+        """Sample images, returned in [0, 1].
+
+        ``guidance_scale`` follows diffusers: ``eps = eps_u + s · (eps_c − eps_u)``, so 1.0
+        is the plain conditional model (no unconditional pass), 0.0 the unconditional one,
+        and the classifier-free-guidance paper's weight w is ``s − 1``.
+        ``sampler`` overrides the configured one by name or ``{name: ..., **params}``.
+        ``output_type``: ``"pt"`` → ``[B, C, H, W]`` float tensor on the CPU; ``"np"`` →
+        ``[B, H, W, C]`` float array; ``"pil"`` → list of PIL images.
+        """
+        if output_type not in ("pt", "np", "pil"):
+            raise ValueError(f"output_type must be 'pt', 'np' or 'pil', got {output_type!r}")
+        if generator is not None and seed is not None:
+            raise ValueError("pass either generator or seed, not both")
+        labels = self._class_labels(class_labels, num_images)
+        if prompts is not None:
+            raise ValueError(
+                "this pipeline has no text encoder: prompts need a text-conditioned config "
+                "(a text_encoder stage and a model with cross_attention_dim)"
+            )
+        if num_images is None:
+            num_images = len(labels) if labels is not None else (len(latents) if latents is not None else 1)
+        if num_images < 1:
+            raise ValueError(f"num_images must be at least 1, got {num_images}")
+        if isinstance(generator, list) and len(generator) != num_images:
+            raise ValueError(f"got {len(generator)} generators for {num_images} images; pass one per image")
+        if generator is None:
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+        sampler_stage = self.sampler if sampler is None else self._build_sampler(
+            parse_stage("sampler", sampler, "generate()", "sampler")
+        )
+        model = self.ema_model if use_ema and self.ema_model is not None else self.model
+        run_device = resolve_device(device or self.config.train.device)
+        model.to(run_device).eval()
+        model_fn = self._model_fn(model, labels.to(run_device) if labels is not None else None, guidance_scale)
+        shape = (num_images, *self.image_shape)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        elif run_device.type != "cpu":  # draw on the CPU so a seed gives the same images everywhere
+            latents = _randn(shape, generator).to(run_device)
+        samples = sampler_stage.sample(
+            model_fn, shape, num_inference_steps=num_inference_steps, generator=generator,
+            latents=None if latents is None else latents.to(run_device), callback=callback,
+        )
+        if self.vae is not None:
+            samples = self.vae.decode(samples)
+        images = ((samples.float().cpu() + 1) / 2).clamp(0, 1)
+        return _convert(images, output_type)
+
+    def _class_labels(self, class_labels, num_images: int | None) -> torch.Tensor | None:
+        num_classes = getattr(self.model, "num_classes", None)
+        if class_labels is None:
+            return None
+        if num_classes is None:
+            raise ValueError(
+                f"model {self.config.model.name!r} is not class-conditional: set model.num_classes in the config "
+                "and train it to use class_labels"
+            )
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"class_labels must lie in [0, {num_classes}), got {labels.tolist()}")
+        if num_images is not None and num_images != len(labels):
+            raise ValueError(f"num_images={num_images} but {len(labels)} class_labels were given")
+        return labels
+
+    def _model_fn(self, model, labels: torch.Tensor | None, guidance_scale: float):
+        """``model_fn(x, t) -> eps`` with conditioning and classifier-free guidance folded in."""
+        if labels is None:
+            return lambda x, t: model(x, t)
+        if guidance_scale == 1.0:  # plain conditional: no unconditional pass
+            return lambda x, t: model(x, t, class_labels=labels)
+        if self.config.train.p_uncond <= 0:
+            warnings.warn("guidance with a model trained without condition dropout (train.p_uncond = 0)")
+        null = torch.full_like(labels, model.num_classes)
+        both = torch.cat([labels, null])
+
+        def guided(x, t):
+            # One batched forward for the conditional and unconditional halves.
+            eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), class_labels=both).chunk(2)
+            return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+        return guided
+
+
+def _optional_stage(kind: str, spec: StageSpec | None):
+    return None if spec is None else plugins.create(kind, spec.name, **spec.params)
+
+
+def _randn(shape, generator) -> torch.Tensor:
+    if isinstance(generator, list):
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator])
+    return torch.randn(shape, generator=generator)
+
+
+def _convert(images: torch.Tensor, output_type: str):
+    if output_type == "pt":
+        return images
+    array = images.permute(0, 2, 3, 1).numpy()
+    if output_type == "np":
+        return array
+    from PIL import Image
+
+    pixels = (array * 255).round().astype("uint8")
+    return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]

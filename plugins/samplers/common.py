@@ -1,0 +1,77 @@
+"""Small helpers the samplers share: timestep spacing, noise draws, argument checks.
+
+Noise is drawn like diffusers' ``randn_tensor``, so a seed gives the same images in both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+GeneratorOrList = torch.Generator | Sequence[torch.Generator] | None
+
+
+def leading_timesteps(num_timesteps: int, num_inference_steps: int) -> list[int]:
+    """diffusers' "leading" spacing with ``steps_offset=0``: T//n·(n−1), …, T//n, 0.
+
+    1000 steps of 1000 give 999, 998, …, 0; 50 give 980, 960, …, 0.
+    """
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+        raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}")
+    if not 1 <= num_inference_steps <= num_timesteps:
+        raise ValueError(
+            f"num_inference_steps must lie in [1, {num_timesteps}] (the schedule's num_timesteps), "
+            f"got {num_inference_steps}"
+        )
+    step_ratio = num_timesteps // num_inference_steps
+    return [i * step_ratio for i in reversed(range(num_inference_steps))]
+
+
+def randn(
+    shape: Sequence[int], generator: GeneratorOrList, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Standard normal noise of ``shape`` on ``device``.
+
+    With a list of B generators, sample b's noise comes from ``generator[b]`` alone, so each
+    image is reproducible whatever batch it is drawn in. Noise is drawn on the generator's
+    device (CPU by default) and then moved, as diffusers does.
+    """
+    if isinstance(generator, Sequence):
+        batch = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.cat(batch).to(device)
+    noise_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=noise_device, dtype=dtype).to(device)
+
+
+def initial_latents(
+    shape: Sequence[int],
+    generator: GeneratorOrList,
+    latents: torch.Tensor | None,
+    device: str | torch.device | None,
+) -> torch.Tensor:
+    """x_T: ``latents`` as given, else standard normal noise drawn with ``generator``.
+
+    The loop runs on ``latents.device`` and in ``latents.dtype`` when latents are given, else in
+    float32 on ``device`` (default CPU).
+    """
+    shape = tuple(shape)
+    if len(shape) < 2 or not all(isinstance(n, int) and n > 0 for n in shape):
+        raise ValueError(f"shape must be (B, C, H, W) or another (B, ...) of positive integers, got {shape}")
+    if isinstance(generator, Sequence) and len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per sample")
+    if latents is not None:
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)} but shape is {shape}")
+        return latents
+    return randn(shape, generator, torch.device(device or "cpu"), torch.float32)
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_clip_sample_range(clip_sample_range: float) -> None:
+    if not clip_sample_range > 0:
+        raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range}")

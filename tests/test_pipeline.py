@@ -1,0 +1,107 @@
+"""Pipeline: train a few steps, generate, save_pretrained / from_pretrained round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import minild
+from tests.conftest import tiny_config
+
+
+def test_train_reduces_nothing_but_runs_and_is_seeded():
+    first = minild.Pipeline.from_config(tiny_config())
+    second = minild.Pipeline.from_config(tiny_config())
+    a = first.train(max_steps=4)
+    b = second.train(max_steps=4)
+    assert a.steps == 4 and a.reason == "max_steps"
+    assert a.losses == b.losses
+    assert all(loss > 0 for loss in a.losses)
+
+
+def test_training_lowers_the_loss():
+    pipe = minild.Pipeline.from_config(tiny_config(train={"max_steps": 150, "batch_size": 32, "lr": 3e-3}))
+    result = pipe.train()
+    first, last = sum(result.losses[:20]) / 20, sum(result.losses[-20:]) / 20
+    assert last < 0.7 * first
+
+
+def test_generate_returns_images_in_unit_range(tiny_pipeline):
+    images = tiny_pipeline.generate(3, num_inference_steps=5, seed=1)
+    assert images.shape == (3, 1, 28, 28)
+    assert images.min() >= 0 and images.max() <= 1
+
+
+def test_generate_is_reproducible_by_seed(tiny_pipeline):
+    a = tiny_pipeline.generate(2, num_inference_steps=5, seed=3)
+    b = tiny_pipeline.generate(2, num_inference_steps=5, seed=3)
+    c = tiny_pipeline.generate(2, num_inference_steps=5, seed=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_generate_output_types(tiny_pipeline):
+    array = tiny_pipeline.generate(2, num_inference_steps=2, seed=0, output_type="np")
+    assert array.shape == (2, 28, 28, 1)
+    pil = tiny_pipeline.generate(2, num_inference_steps=2, seed=0, output_type="pil")
+    assert len(pil) == 2 and pil[0].size == (28, 28) and pil[0].mode == "L"
+
+
+def test_generate_with_another_sampler_by_name(tiny_pipeline):
+    images = tiny_pipeline.generate(2, num_inference_steps=4, sampler="ddpm", seed=0)
+    assert images.shape == (2, 1, 28, 28)
+
+
+def test_save_and_load_gives_the_same_samples(tmp_path):
+    pipe = minild.Pipeline.from_config(tiny_config(train={"hooks": [{"name": "ema", "decay": 0.9}]}))
+    pipe.train(max_steps=3)
+    pipe.save_pretrained(tmp_path / "run")
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"config.yaml", "model.safetensors", "ema.safetensors"}
+    again = minild.Pipeline.from_pretrained(tmp_path / "run")
+    for use_ema in (True, False):
+        expected = pipe.generate(2, num_inference_steps=5, seed=7, use_ema=use_ema)
+        assert torch.equal(again.generate(2, num_inference_steps=5, seed=7, use_ema=use_ema), expected)
+    assert again.config == pipe.config
+
+
+def test_from_pretrained_on_a_plain_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.yaml is missing"):
+        minild.Pipeline.from_pretrained(tmp_path)
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
+    pipe = minild.Pipeline.from_config(tiny_config())
+    pipe.save_pretrained(tmp_path)
+    bigger = minild.Pipeline.from_config(tiny_config(model={"base_channels": 16}))
+    bigger.config.dump(tmp_path / "config.yaml")
+    with pytest.raises(ValueError, match="does not fit the configured"):
+        minild.Pipeline.from_pretrained(tmp_path)
+
+
+def test_class_labels_on_an_unconditional_model_are_refused(tiny_pipeline):
+    with pytest.raises(ValueError, match="not class-conditional: set model.num_classes"):
+        tiny_pipeline.generate(class_labels=[1, 2])
+
+
+def test_prompts_without_text_encoder_are_refused(tiny_pipeline):
+    with pytest.raises(ValueError, match="no text encoder"):
+        tiny_pipeline.generate(prompts=["a seven"])
+
+
+def test_class_conditional_training_and_guided_generation():
+    pipe = minild.Pipeline.from_config(tiny_config(model={"num_classes": 10}))
+    pipe.train(max_steps=2)
+    images = pipe.generate(class_labels=[0, 7], guidance_scale=3.0, num_inference_steps=3, seed=0)
+    assert images.shape == (2, 1, 28, 28)
+    with pytest.raises(ValueError, match=r"class_labels must lie in \[0, 10\)"):
+        pipe.generate(class_labels=[10])
+
+
+def test_guidance_uses_one_batched_forward_per_step():
+    pipe = minild.Pipeline.from_config(tiny_config(model={"num_classes": 10}))
+    calls = []
+    pipe.model.register_forward_hook(lambda module, args, kwargs_out=None: calls.append(args[0].shape[0]))
+    pipe.generate(class_labels=[1, 2, 3], guidance_scale=2.0, num_inference_steps=4, seed=0)
+    assert calls == [6] * 4
+    calls.clear()
+    pipe.generate(class_labels=[1, 2, 3], guidance_scale=1.0, num_inference_steps=4, seed=0)
+    assert calls == [3] * 4

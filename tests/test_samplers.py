@@ -1,0 +1,278 @@
+"""Samplers: full DDPM and DDIM loops against diffusers' schedulers, plus the sampling contract."""
+
+import inspect
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+import minild
+
+T = 1000
+SHAPE = (2, 1, 4, 4)
+TOLERANCE = 1e-5
+
+# Each case: our schedule's parameters, and the diffusers config that should give the same betas.
+SCHEDULES = {
+    "linear": ({}, {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}),
+    "cosine": ({}, None),  # the seeds' cosine: diffusers runs our betas via trained_betas
+    "squaredcos_cap_v2": (
+        {"min_beta": 0.0, "max_beta": 0.999, "dtype": "float64"},
+        {"beta_schedule": "squaredcos_cap_v2"},
+    ),
+}
+
+
+def toy_eps(x, t):
+    """A cheap deterministic eps-model: nonlinear in x, dependent on t, elementwise per sample."""
+    assert t.shape == (x.shape[0],) and t.dtype == torch.int64
+    return torch.tanh(0.5 * x) * (t.to(x.dtype) / 1000).view(-1, 1, 1, 1) + 0.1 * torch.sin(x)
+
+
+def our_schedule(case):
+    params, _ = SCHEDULES[case]
+    name = "linear" if case == "linear" else "cosine"
+    return minild.create("schedule", name, num_timesteps=T, **params)
+
+
+def diffusers_betas(case, schedule):
+    _, config = SCHEDULES[case]
+    return config if config is not None else {"trained_betas": schedule.betas.numpy()}
+
+
+def diffusers_ddpm(case, schedule, *, clip_sample, variance_type="fixed_small"):
+    return DDPMScheduler(
+        num_train_timesteps=T,
+        **diffusers_betas(case, schedule),
+        variance_type=variance_type,
+        clip_sample=clip_sample,
+        clip_sample_range=1.0,
+        prediction_type="epsilon",
+        thresholding=False,
+        timestep_spacing="leading",
+        steps_offset=0,
+        rescale_betas_zero_snr=False,
+    )
+
+
+def diffusers_ddim(case, schedule, *, clip_sample):
+    return DDIMScheduler(
+        num_train_timesteps=T,
+        **diffusers_betas(case, schedule),
+        clip_sample=clip_sample,
+        clip_sample_range=1.0,
+        set_alpha_to_one=True,
+        prediction_type="epsilon",
+        thresholding=False,
+        timestep_spacing="leading",
+        steps_offset=0,
+        rescale_betas_zero_snr=False,
+    )
+
+
+def diffusers_loop(scheduler, num_inference_steps, generator, **step_kwargs):
+    """The loop a diffusers pipeline runs: x_T drawn with the generator, then one step per timestep."""
+    x = torch.randn(SHAPE, generator=generator)
+    scheduler.set_timesteps(num_inference_steps)
+    for t in scheduler.timesteps:
+        x = scheduler.step(toy_eps(x, t.repeat(SHAPE[0])), t, x, generator=generator, **step_kwargs).prev_sample
+    return x
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# --- Oracle: DDPM ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", SCHEDULES)
+@pytest.mark.parametrize("clip_sample", ["clip", "none"])
+def test_ddpm_matches_diffusers_full_loop(case, clip_sample):
+    schedule = our_schedule(case)
+    sampler = minild.create("sampler", "ddpm", schedule, variance_type="fixed_small", clip_sample=clip_sample)
+    ours = sampler.sample(toy_eps, SHAPE, num_inference_steps=T, generator=seeded())
+    scheduler = diffusers_ddpm(case, schedule, clip_sample=clip_sample == "clip")
+    theirs = diffusers_loop(scheduler, T, seeded())
+    assert (ours - theirs).abs().max() <= TOLERANCE
+
+
+def test_ddpm_clipping_changes_the_samples():
+    schedule = our_schedule("linear")
+    clipped, unclipped = (
+        minild.create("sampler", "ddpm", schedule, clip_sample=clip).sample(toy_eps, SHAPE, generator=seeded())
+        for clip in ("clip", "none")
+    )
+    assert (clipped - unclipped).abs().max() > 1e-3  # so the oracle cases above test two different paths
+
+
+def test_ddpm_fixed_large_matches_diffusers_full_loop():
+    schedule = our_schedule("cosine")
+    sampler = minild.create("sampler", "ddpm", schedule, variance_type="fixed_large", clip_sample="clip")
+    ours = sampler.sample(toy_eps, SHAPE, generator=seeded())
+    scheduler = diffusers_ddpm("cosine", schedule, clip_sample=True, variance_type="fixed_large")
+    assert (ours - diffusers_loop(scheduler, T, seeded())).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("case", SCHEDULES)
+@pytest.mark.parametrize("num_inference_steps", [37, 100])
+def test_ddpm_fewer_steps_matches_diffusers_leading_spacing(case, num_inference_steps):
+    schedule = our_schedule(case)
+    sampler = minild.create("sampler", "ddpm", schedule, clip_sample="clip")
+    ours = sampler.sample(toy_eps, SHAPE, num_inference_steps=num_inference_steps, generator=seeded())
+    scheduler = diffusers_ddpm(case, schedule, clip_sample=True)
+    assert (ours - diffusers_loop(scheduler, num_inference_steps, seeded())).abs().max() <= TOLERANCE
+
+
+def test_ddpm_list_of_generators_matches_diffusers():
+    schedule = our_schedule("linear")
+    sampler = minild.create("sampler", "ddpm", schedule, clip_sample="none")
+    ours = sampler.sample(toy_eps, SHAPE, num_inference_steps=20, generator=[seeded(1), seeded(2)])
+    generators = [seeded(1), seeded(2)]
+    latents = torch.cat([torch.randn((1, *SHAPE[1:]), generator=g) for g in generators])
+    scheduler = diffusers_ddpm("linear", schedule, clip_sample=False)
+    scheduler.set_timesteps(20)
+    for t in scheduler.timesteps:
+        latents = scheduler.step(toy_eps(latents, t.repeat(2)), t, latents, generator=generators).prev_sample
+    assert (ours - latents).abs().max() <= TOLERANCE
+
+
+# --- Oracle: DDIM ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", SCHEDULES)
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("clip_sample", ["none", "clip", "clip_rederive_eps"])
+def test_ddim_matches_diffusers_full_loop(case, eta, clip_sample):
+    schedule = our_schedule(case)
+    sampler = minild.create("sampler", "ddim", schedule, eta=eta, clip_sample=clip_sample)
+    ours = sampler.sample(toy_eps, SHAPE, num_inference_steps=50, generator=seeded())
+    scheduler = diffusers_ddim(case, schedule, clip_sample=clip_sample != "none")
+    theirs = diffusers_loop(
+        scheduler, 50, seeded(), eta=eta, use_clipped_model_output=clip_sample == "clip_rederive_eps"
+    )
+    assert (ours - theirs).abs().max() <= TOLERANCE
+
+
+def test_ddim_clip_modes_give_three_different_samplers():
+    schedule = our_schedule("linear")
+    samples = [
+        minild.create("sampler", "ddim", schedule, clip_sample=clip).sample(toy_eps, SHAPE, generator=seeded())
+        for clip in ("none", "clip", "clip_rederive_eps")
+    ]
+    assert (samples[0] - samples[1]).abs().max() > 1e-3
+    assert (samples[1] - samples[2]).abs().max() > 1e-3
+
+
+def test_ddim_odd_step_count_matches_diffusers():
+    schedule = our_schedule("linear")
+    sampler = minild.create("sampler", "ddim", schedule, eta=0.5)
+    ours = sampler.sample(toy_eps, SHAPE, num_inference_steps=7, generator=seeded())
+    theirs = diffusers_loop(diffusers_ddim("linear", schedule, clip_sample=False), 7, seeded(), eta=0.5)
+    assert (ours - theirs).abs().max() <= TOLERANCE
+
+
+# --- The sampling contract ------------------------------------------------------------------
+
+
+def test_builtin_samplers_are_registered():
+    assert {"ddpm", "ddim"} <= set(minild.available("sampler"))
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_sampler_parameters_are_keyword_only_annotated_plain_data(name):
+    factory = minild.plugins.lookup("sampler", name).factory
+    parameters = list(inspect.signature(factory).parameters.values())
+    assert parameters[0].name == "schedule"
+    for parameter in parameters[1:]:
+        assert parameter.kind is inspect.Parameter.KEYWORD_ONLY, parameter.name
+        assert parameter.annotation is not inspect.Parameter.empty, parameter.name
+        assert isinstance(parameter.default, (int, float, str)), parameter.name
+
+
+@pytest.mark.parametrize("name, params", [("ddpm", {}), ("ddim", {"eta": 1.0})])
+def test_same_seed_gives_the_same_samples(name, params):
+    sampler = minild.create("sampler", name, our_schedule("linear"), **params)
+    first = sampler.sample(toy_eps, SHAPE, num_inference_steps=20, generator=seeded(7))
+    second = sampler.sample(toy_eps, SHAPE, num_inference_steps=20, generator=seeded(7))
+    third = sampler.sample(toy_eps, SHAPE, num_inference_steps=20, generator=seeded(8))
+    assert torch.equal(first, second)
+    assert not torch.equal(first, third)
+
+
+@pytest.mark.parametrize("name, params", [("ddpm", {}), ("ddim", {"eta": 1.0})])
+def test_list_of_generators_makes_each_image_independent_of_its_batch(name, params):
+    sampler = minild.create("sampler", name, our_schedule("linear"), **params)
+    batch = sampler.sample(toy_eps, (3, 1, 4, 4), num_inference_steps=20, generator=[seeded(s) for s in (1, 2, 3)])
+    alone = sampler.sample(toy_eps, (1, 1, 4, 4), num_inference_steps=20, generator=[seeded(2)])
+    torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, num_inference_steps", [("ddpm", 10), ("ddim", None)])
+def test_callback_receives_every_step(name, num_inference_steps):
+    sampler = minild.create("sampler", name, our_schedule("linear"))
+    steps = []
+    out = sampler.sample(
+        toy_eps, SHAPE, num_inference_steps=num_inference_steps, generator=seeded(), callback=steps.append
+    )
+    n = num_inference_steps or 50  # DDIM's default
+    assert [info["i"] for info in steps] == list(range(n))
+    assert [info["t"] for info in steps] == [(T // n) * k for k in reversed(range(n))]
+    assert all(info["x"].shape == SHAPE and info["x0_pred"].shape == SHAPE for info in steps)
+    assert torch.equal(steps[-1]["x"], out)
+
+
+def test_ddpm_takes_every_training_step_by_default():
+    sampler = minild.create("sampler", "ddpm", minild.create("schedule", "linear", num_timesteps=25))
+    steps = []
+    sampler.sample(toy_eps, SHAPE, generator=seeded(), callback=steps.append)
+    assert [info["t"] for info in steps] == list(reversed(range(25)))
+
+
+def test_ddim_eta0_is_deterministic_whatever_the_generator():
+    sampler = minild.create("sampler", "ddim", our_schedule("linear"), eta=0.0)
+    latents = torch.randn(SHAPE, generator=seeded(3))
+    outputs = [sampler.sample(toy_eps, SHAPE, latents=latents, generator=g) for g in (None, seeded(1), seeded(2))]
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+@pytest.mark.parametrize("num_inference_steps", [0, -5, T + 1, 2.5, True])
+def test_bad_num_inference_steps_raises(name, num_inference_steps):
+    sampler = minild.create("sampler", name, our_schedule("linear"))
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        sampler.sample(toy_eps, SHAPE, num_inference_steps=num_inference_steps)
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("ddpm", {"variance_type": "learned"}),
+        ("ddpm", {"clip_sample": True}),
+        ("ddpm", {"clip_sample": "clip_rederive_eps"}),
+        ("ddpm", {"clip_sample_range": 0.0}),
+        ("ddim", {"eta": -1.0}),
+        ("ddim", {"clip_sample": "dynamic"}),
+        ("ddim", {"clip_sample_range": -1.0}),
+    ],
+)
+def test_bad_sampler_parameters_raise(name, params):
+    with pytest.raises(ValueError):
+        minild.create("sampler", name, our_schedule("linear"), **params)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_bad_shapes_and_generators_raise(name):
+    sampler = minild.create("sampler", name, our_schedule("linear"))
+    with pytest.raises(ValueError, match="shape"):
+        sampler.sample(toy_eps, (4,), num_inference_steps=2)
+    with pytest.raises(ValueError, match="latents"):
+        sampler.sample(toy_eps, SHAPE, num_inference_steps=2, latents=torch.zeros(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="generators"):
+        sampler.sample(toy_eps, SHAPE, num_inference_steps=2, generator=[seeded()])
+
+
+def test_sampling_follows_the_dtype_of_the_latents():
+    sampler = minild.create("sampler", "ddim", our_schedule("linear"))
+    latents = torch.randn(SHAPE, generator=seeded(), dtype=torch.float64)
+    assert sampler.sample(toy_eps, SHAPE, num_inference_steps=5, latents=latents).dtype == torch.float64
