@@ -177,14 +177,13 @@ class Pipeline:
         model.to(run_device).eval()
         model_fn = self._model_fn(model, labels.to(run_device) if labels is not None else None, guidance_scale)
         shape = (num_images, *self.image_shape)
-        if latents is not None:
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        elif run_device.type != "cpu":  # draw on the CPU so a seed gives the same images everywhere
-            latents = _randn(shape, generator).to(run_device)
+        if latents is None:  # drawn on the CPU, so a seed gives the same images on every device
+            latents = _randn(shape, generator)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         samples = sampler_stage.sample(
             model_fn, shape, num_inference_steps=num_inference_steps, generator=generator,
-            latents=None if latents is None else latents.to(run_device), callback=callback,
+            latents=latents.to(run_device), callback=callback,
         )
         if self.vae is not None:
             samples = self.vae.decode(samples)

@@ -27,6 +27,15 @@ CONTEXT_DIM = 12
 PLAIN_DATA = (int, float, bool, str, list, type(None))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and spinning threads stall when cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build(name, seed=0, **params):
     torch.manual_seed(seed)
     return minild.create("model", name, **{**TINY[name], **params})

@@ -1,0 +1,33 @@
+"""The `minild` command line: train → sample, and errors as messages with exit code 2."""
+
+from __future__ import annotations
+
+import yaml
+from PIL import Image
+
+from minild.cli import main
+from tests.conftest import tiny_config
+
+
+def test_train_then_sample_writes_pngs(tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config()))
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(run), "--max-steps", "2", "--grid", "4"]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    assert Image.open(run / "samples.png").size[0] > 28
+    assert main(["sample", str(run), "--num", "9", "--steps", "3", "--sampler", "ddim", "--eta", "1.0",
+                 "--out", str(tmp_path / "grid.png")]) == 0
+    assert Image.open(tmp_path / "grid.png").size == (3 * 30 + 2, 3 * 30 + 2)
+
+
+def test_bad_config_is_reported_with_exit_code_2(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(model={"depth": "deep"})))
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert "minild: error:" in capsys.readouterr().err
+
+
+def test_sample_from_a_missing_run_is_reported(tmp_path, capsys):
+    assert main(["sample", str(tmp_path / "nothing")]) == 2
+    assert "config.yaml is missing" in capsys.readouterr().err
