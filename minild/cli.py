@@ -8,6 +8,11 @@ from pathlib import Path
 
 from minild import plugins
 
+# Classifier-free guidance for class-conditional models, in diffusers' convention:
+# 1.0 is the plain conditional model, 3.0 is the paper's w = 2.
+GUIDANCE_SCALE = 3.0
+GUIDANCE_HELP = "classifier-free guidance for class-conditional models: 1.0 = plain conditional, 0 = unconditional"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
@@ -29,18 +34,19 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
     train.add_argument("--max-minutes", type=float, default=None, help="stop after M minutes of training")
     train.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default: from the config)")
-    train.add_argument("--grid", type=int, default=64, help="images in the sample grid written after training (0: none)")
+    train.add_argument("--grid", type=int, default=100, help="images in the sample grid written after training (0: none)")
+    train.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE, help=GUIDANCE_HELP)
     train.set_defaults(run=_train)
 
     sample = commands.add_parser("sample", help="sample a grid of images from a saved run")
     sample.add_argument("run_dir", help="directory written by `minild train` or Pipeline.save_pretrained")
-    sample.add_argument("--num", type=int, default=64, help="number of images")
+    sample.add_argument("--num", type=int, default=100, help="number of images")
     sample.add_argument("--steps", type=int, default=50, help="number of inference steps")
     sample.add_argument("--sampler", default=None, help="sampler name (default: the run's sampler)")
     sample.add_argument("--eta", type=float, default=None, help="DDIM eta (with --sampler ddim)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--class-label", type=int, default=None, help="generate only this class")
-    sample.add_argument("--guidance-scale", type=float, default=1.0, help="1.0 = plain conditional")
+    sample.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE, help=GUIDANCE_HELP)
     sample.add_argument("--no-ema", action="store_true", help="sample with the raw weights, not the EMA")
     sample.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/samples.png)")
     sample.set_defaults(run=_sample)
@@ -71,8 +77,8 @@ def _train(args) -> int:
     if args.grid > 0:
         path = run_dir / "samples.png"
         labels = _grid_labels(pipe, args.grid)
-        images = pipe.generate(args.grid, class_labels=labels, seed=0)
-        save_grid(images, path)
+        images = pipe.generate(args.grid, class_labels=labels, guidance_scale=args.guidance_scale, seed=0)
+        save_grid(images, path, nrow=_grid_columns(pipe))
         print(f"wrote {path}")
     return 0
 
@@ -92,7 +98,7 @@ def _sample(args) -> int:
         sampler=sampler, seed=args.seed, use_ema=not args.no_ema,
     )
     path = Path(args.out or Path(args.run_dir) / "samples.png")
-    save_grid(images, path)
+    save_grid(images, path, nrow=None if args.class_label is not None else _grid_columns(pipe))
     print(f"wrote {path}")
     return 0
 
@@ -105,6 +111,8 @@ def _plugins(args) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+    for name, reason in sorted(plugins.broken_plugins.items()):
+        print(f"broken plugin {name}: {reason}")
     return 0
 
 
@@ -112,6 +120,11 @@ def _grid_labels(pipe, num: int):
     """Cycle through the classes for a class-conditional model, so the grid shows every digit."""
     num_classes = getattr(pipe.model, "num_classes", None)
     return None if num_classes is None else [i % num_classes for i in range(num)]
+
+
+def _grid_columns(pipe) -> int | None:
+    """One column per class, so every row of the grid reads 0, 1, …, 9 for digits."""
+    return getattr(pipe.model, "num_classes", None)
 
 
 def _mean_tail(values: list[float], n: int = 50) -> float:

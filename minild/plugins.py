@@ -1,13 +1,15 @@
 """The plugin manager and the per-kind registries of named stage factories.
 
 Built-in stages and third-party ones are found the same way: through the ``minild``
-entry-point group. ``MINILD_LOAD_PLUGINS`` (comma-separated plugin names) limits
-which entry points load; set it to an empty string to load none.
+entry-point group. ``MINILD_PLUGINS`` (comma-separated entry-point names) limits which
+third-party plugins load; set it to an empty string to load only the built-ins.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -42,6 +44,8 @@ class Registration:
 
 
 _manager: pluggy.PluginManager | None = None
+_packages: dict[str, str] = {}  # plugin name -> "distribution version"
+broken_plugins: dict[str, str] = {}  # plugin name -> why it failed to load
 _registries: dict[str, dict[str, Registration]] | None = None
 
 
@@ -58,12 +62,29 @@ def get_plugin_manager() -> pluggy.PluginManager:
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
-    allow = os.environ.get("MINILD_LOAD_PLUGINS")
-    if allow is None:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        return
-    for name in filter(None, (n.strip() for n in allow.split(","))):
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+    """Register every ``minild`` entry point; a plugin that fails to import is skipped.
+
+    With ``MINILD_PLUGINS`` set, third-party entry points load only when named in it;
+    the built-in stages (the ``minild`` distribution's own entry points) always load.
+    """
+    allow = os.environ.get("MINILD_PLUGINS")
+    allowed = None if allow is None else {name.strip() for name in allow.split(",") if name.strip()}
+    for dist in importlib.metadata.distributions():
+        package = f"{dist.metadata['Name']} {dist.version}"
+        builtin = (dist.metadata["Name"] or "").lower() == "minild"
+        for entry_point in dist.entry_points.select(group=ENTRY_POINT_GROUP):
+            if pm.get_plugin(entry_point.name) is not None or entry_point.name in broken_plugins:
+                continue  # the same distribution seen twice on sys.path
+            if allowed is not None and not builtin and entry_point.name not in allowed:
+                continue
+            try:
+                plugin = entry_point.load()
+                pm.register(plugin, name=entry_point.name)
+            except Exception as err:  # a broken third-party plugin must not take minild down
+                broken_plugins[entry_point.name] = f"{package}: {type(err).__name__}: {err}"
+                warnings.warn(f"minild plugin {entry_point.name!r} ({package}) failed to load: {err}", stacklevel=2)
+                continue
+            _packages[entry_point.name] = package
 
 
 def register_plugin(plugin: object, name: str | None = None) -> str:
@@ -90,6 +111,8 @@ def reset_plugin_manager() -> None:
     """
     global _manager
     _manager = None
+    _packages.clear()
+    broken_plugins.clear()
     _invalidate()
 
 
@@ -98,11 +121,6 @@ def _invalidate() -> None:
     _registries = None
 
 
-def _package_of(pm: pluggy.PluginManager, plugin: object) -> str:
-    for candidate, dist in pm.list_plugin_distinfo():
-        if candidate is plugin:
-            return f"{dist.project_name} {dist.version}"
-    return ""
 
 
 def _collect(kind: str) -> dict[str, Registration]:
@@ -112,7 +130,7 @@ def _collect(kind: str) -> dict[str, Registration]:
     # Call each implementation on its own so every name knows which plugin gave it.
     for impl in reversed(hook.get_hookimpls()):
         plugin_name = impl.plugin_name
-        package = _package_of(pm, impl.plugin)
+        package = _packages.get(plugin_name, "")
 
         def register(name: str, factory: Callable[..., Any], _plugin=plugin_name, _package=package):
             if not isinstance(name, str) or not name:
@@ -123,7 +141,7 @@ def _collect(kind: str) -> dict[str, Registration]:
                 other = registry[name].plugin
                 raise PluginError(
                     f"{kind} {name!r} is registered twice: by plugin {other!r} and by plugin {_plugin!r}; "
-                    "uninstall one of them or limit plugins with MINILD_LOAD_PLUGINS"
+                    "uninstall one of them or limit plugins with MINILD_PLUGINS"
                 )
             registry[name] = Registration(kind, name, factory, _plugin, _package)
 

@@ -31,3 +31,11 @@ def test_bad_config_is_reported_with_exit_code_2(tmp_path, capsys):
 def test_sample_from_a_missing_run_is_reported(tmp_path, capsys):
     assert main(["sample", str(tmp_path / "nothing")]) == 2
     assert "config.yaml is missing" in capsys.readouterr().err
+
+
+def test_class_conditional_grid_has_one_column_per_class(tmp_path):
+    config = tmp_path / "class.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(model={"num_classes": 10})))
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(run), "--max-steps", "1", "--grid", "20"]) == 0
+    assert Image.open(run / "samples.png").size == (10 * 30 + 2, 2 * 30 + 2)

@@ -105,3 +105,22 @@ def test_guidance_uses_one_batched_forward_per_step():
     calls.clear()
     pipe.generate(class_labels=[1, 2, 3], guidance_scale=1.0, num_inference_steps=4, seed=0)
     assert calls == [3] * 4
+
+
+def test_generate_equals_a_diffusers_ddim_loop_with_the_same_seed(tiny_pipeline):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(
+        num_train_timesteps=100, trained_betas=tiny_pipeline.schedule.betas.numpy(), clip_sample=False,
+        set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading", prediction_type="epsilon",
+        thresholding=False, rescale_betas_zero_snr=False,
+    )
+    scheduler.set_timesteps(10)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn((2, 1, 28, 28), generator=generator)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = tiny_pipeline.model(x, t.repeat(2))
+            x = scheduler.step(eps, t, x, eta=1.0, generator=generator).prev_sample
+    images = tiny_pipeline.generate(2, num_inference_steps=10, sampler={"name": "ddim", "eta": 1.0}, seed=5)
+    assert (images - ((x + 1) / 2).clamp(0, 1)).abs().max() < 1e-5

@@ -128,11 +128,25 @@ def test_entry_point_plugin_is_discovered_and_usable_from_a_config(external_plug
     assert images.shape == (2, 1, 28, 28)
 
 
-def test_allow_list_env_var_limits_loaded_plugins(external_plugin, monkeypatch):
-    monkeypatch.setenv("MINILD_LOAD_PLUGINS", "samplers,schedules")
+def test_allow_list_env_var_limits_third_party_plugins(external_plugin, monkeypatch):
+    monkeypatch.setenv("MINILD_PLUGINS", "")
     plugins.reset_plugin_manager()
-    assert "one_step" not in minild.available("sampler")
-    assert minild.available("model") == []
+    assert minild.available("sampler") == ["ddim", "ddpm"]
+    monkeypatch.setenv("MINILD_PLUGINS", "one_step")
+    plugins.reset_plugin_manager()
+    assert "one_step" in minild.available("sampler")
+
+
+def test_plugin_that_fails_to_import_is_reported_and_skipped(external_plugin):
+    dist_info = external_plugin / "minild_broken-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: minild-broken\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text("[minild]\nbroken = minild_broken_module_that_does_not_exist\n")
+    plugins.reset_plugin_manager()
+    with pytest.warns(UserWarning, match="minild plugin 'broken' .* failed to load"):
+        samplers = minild.available("sampler")
+    assert {"ddim", "one_step"} <= set(samplers)
+    assert "ModuleNotFoundError" in plugins.broken_plugins["broken"]
 
 
 def test_cli_plugins_lists_kind_name_plugin_and_package(external_plugin):
