@@ -41,6 +41,9 @@ class DataConfig:
     image_size: int | None = None
     channels: int | None = None
     split: str = "train"
+    # For text-conditioned models: prompts made from each label, "{name}" → class name
+    # ("seven"), "{label}" → class index ("7"); one template is drawn per image and step.
+    prompt_templates: list[str] | None = None
 
 
 @dataclass

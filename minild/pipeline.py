@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from minild import plugins
+from minild.conditioning import guided_model_fn, wants_classes, wants_text
 from minild.config import PipelineConfig, StageSpec, load_config, parse_stage
 from minild.io import load_weights, save_weights
 from minild.train import Trainer, TrainResult, resolve_device
@@ -43,6 +44,12 @@ class Pipeline:
         self.sampler = self._build_sampler(config.sampler)
         self.vae = _optional_stage("vae", config.vae)
         self.text_encoder = _optional_stage("text_encoder", config.text_encoder)
+        if wants_text(self.model) and self.text_encoder is not None:
+            if self.text_encoder.embedding_dim != self.model.cross_attention_dim:
+                raise ValueError(
+                    f"text encoder {config.text_encoder.name!r} gives {self.text_encoder.embedding_dim}-d embeddings "
+                    f"but model.cross_attention_dim is {self.model.cross_attention_dim}: make them equal"
+                )
 
     # -- construction ---------------------------------------------------------------
 
@@ -155,13 +162,12 @@ class Pipeline:
         if generator is not None and seed is not None:
             raise ValueError("pass either generator or seed, not both")
         labels = self._class_labels(class_labels, num_images)
-        if prompts is not None:
-            raise ValueError(
-                "this pipeline has no text encoder: prompts need a text-conditioned config "
-                "(a text_encoder stage and a model with cross_attention_dim)"
-            )
+        prompts = self._prompts(prompts, num_images)
+        if labels is not None and prompts is not None and len(labels) != len(prompts):
+            raise ValueError(f"got {len(labels)} class_labels but {len(prompts)} prompts; give one of each per image")
         if num_images is None:
-            num_images = len(labels) if labels is not None else (len(latents) if latents is not None else 1)
+            given = labels if labels is not None else prompts if prompts is not None else latents
+            num_images = len(given) if given is not None else 1
         if num_images < 1:
             raise ValueError(f"num_images must be at least 1, got {num_images}")
         if isinstance(generator, list) and len(generator) != num_images:
@@ -175,7 +181,15 @@ class Pipeline:
         model = self.ema_model if use_ema and self.ema_model is not None else self.model
         run_device = resolve_device(device or self.config.train.device)
         model.to(run_device).eval()
-        model_fn = self._model_fn(model, labels.to(run_device) if labels is not None else None, guidance_scale)
+        cond, uncond = self._conditioning(model, labels, prompts, num_images, run_device)
+        if labels is None and prompts is None:
+            guidance_scale = 1.0  # nothing to guide towards: one unconditional pass
+        if cond and guidance_scale != 1.0 and self.config.train.p_uncond <= 0:
+            warnings.warn(
+                "classifier-free guidance with a model trained without condition dropout (train.p_uncond = 0): "
+                "its unconditional predictions are untrained", stacklevel=2,
+            )
+        model_fn = guided_model_fn(model, cond, uncond, guidance_scale)
         shape = (num_images, *self.image_shape)
         if latents is None:  # drawn on the CPU, so a seed gives the same images on every device
             latents = _randn(shape, generator)
@@ -206,23 +220,39 @@ class Pipeline:
             raise ValueError(f"num_images={num_images} but {len(labels)} class_labels were given")
         return labels
 
-    def _model_fn(self, model, labels: torch.Tensor | None, guidance_scale: float):
-        """``model_fn(x, t) -> eps`` with conditioning and classifier-free guidance folded in."""
-        if labels is None:
-            return lambda x, t: model(x, t)
-        if guidance_scale == 1.0:  # plain conditional: no unconditional pass
-            return lambda x, t: model(x, t, class_labels=labels)
-        if self.config.train.p_uncond <= 0:
-            warnings.warn("guidance with a model trained without condition dropout (train.p_uncond = 0)")
-        null = torch.full_like(labels, model.num_classes)
-        both = torch.cat([labels, null])
+    def _prompts(self, prompts, num_images: int | None) -> list[str] | None:
+        if prompts is None:
+            return None
+        if isinstance(prompts, str):
+            prompts = [prompts] * (num_images or 1)
+        prompts = list(prompts)
+        if not all(isinstance(prompt, str) for prompt in prompts):
+            raise ValueError("prompts must be a string or a list of strings")
+        if self.text_encoder is None or not wants_text(self.model):
+            raise ValueError(
+                f"model {self.config.model.name!r} is not text-conditioned: prompts need a text_encoder stage "
+                "and model.cross_attention_dim in the config (see configs/digits_text_cfg.yaml)"
+            )
+        if num_images is not None and num_images != len(prompts):
+            raise ValueError(f"num_images={num_images} but {len(prompts)} prompts were given")
+        return prompts
 
-        def guided(x, t):
-            # One batched forward for the conditional and unconditional halves.
-            eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), class_labels=both).chunk(2)
-            return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+    def _conditioning(self, model, labels, prompts, num_images: int, device) -> tuple[dict, dict]:
+        """The model's conditional keyword arguments and their unconditional counterparts.
 
-        return guided
+        With neither labels nor prompts, both are the unconditional arguments (the null
+        class, the empty prompt).
+        """
+        cond, uncond = {}, {}
+        if wants_classes(model):
+            null = torch.full((num_images,), model.num_classes, dtype=torch.long, device=device)
+            cond["class_labels"] = labels.to(device) if labels is not None else null
+            uncond["class_labels"] = null
+        if wants_text(model):
+            empty = self.text_encoder.encode([""]).to(device).expand(num_images, -1, -1)  # [B, L, D]
+            cond["context"] = self.text_encoder.encode(prompts).to(device) if prompts is not None else empty
+            uncond["context"] = empty
+        return cond, uncond
 
 
 def _optional_stage(kind: str, spec: StageSpec | None):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from minild import plugins
+from minild.conditioning import TrainingConditioner, wants_classes
 from minild.config import TrainConfig, parse_stage
 
 if TYPE_CHECKING:
@@ -66,13 +67,16 @@ class Trainer:
         config = self.config
         if config.max_steps is None and config.epochs is None and config.max_minutes is None:
             raise ValueError("set at least one of train.max_steps, train.epochs or train.max_minutes")
-        num_classes = getattr(self.model, "num_classes", None)
         memory_format = torch.channels_last if config.channels_last and self.device.type != "mps" else torch.preserve_format
         self.model.to(self.device, memory_format=memory_format).train()
         generator = torch.Generator(device=self.device).manual_seed(config.seed)
         batches = _BatchSource(dataset, config.batch_size, self.device, generator)
-        if num_classes is not None:
-            batches.check_labels(num_classes)
+        if wants_classes(self.model):
+            batches.check_labels(self.model.num_classes)
+        conditioner = TrainingConditioner(
+            self.model, self.pipeline.text_encoder, getattr(dataset, "class_names", None),
+            self.pipeline.config.data.prompt_templates, config.p_uncond, self.device,
+        )
 
         pm = plugins.get_plugin_manager()
         hook_names = [self._register_hook(spec, index) for index, spec in enumerate(config.hooks)]
@@ -84,11 +88,7 @@ class Trainer:
                 epoch_loss, epoch_steps = 0.0, 0
                 for x0, labels in batches.epoch():
                     x0 = x0.contiguous(memory_format=memory_format)
-                    class_labels = None
-                    if num_classes is not None:  # condition dropout: the null class with probability p_uncond
-                        drop = torch.rand(len(labels), generator=generator, device=self.device) < config.p_uncond
-                        class_labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
-                    loss = self._train_step(x0, class_labels, generator)
+                    loss = self._train_step(x0, conditioner(labels, generator), generator)
                     self.step += 1
                     loss_value = loss.item()
                     epoch_loss, epoch_steps = epoch_loss + loss_value, epoch_steps + 1
@@ -120,12 +120,12 @@ class Trainer:
         result.reason = self._stop_reason or ""
         return result
 
-    def _train_step(self, x0, class_labels, generator) -> torch.Tensor:
+    def _train_step(self, x0, conditioning: dict, generator) -> torch.Tensor:
         # Algorithm 1 of DDPM: t ~ U{0, T−1}, ε ~ N(0, I), minimise ‖ε − ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t)‖².
         t = torch.randint(0, self.schedule.num_timesteps, (len(x0),), generator=generator, device=self.device)
         noise = torch.randn(x0.shape, generator=generator, device=self.device)
         x_t = self.schedule.add_noise(x0, noise, t)
-        eps = self.model(x_t, t, class_labels=class_labels)
+        eps = self.model(x_t, t, **conditioning)
         loss = F.mse_loss(eps, noise)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -83,7 +83,7 @@ def test_class_labels_on_an_unconditional_model_are_refused(tiny_pipeline):
 
 
 def test_prompts_without_text_encoder_are_refused(tiny_pipeline):
-    with pytest.raises(ValueError, match="no text encoder"):
+    with pytest.raises(ValueError, match="is not text-conditioned: prompts need a text_encoder stage"):
         tiny_pipeline.generate(prompts=["a seven"])
 
 
