@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import string
+
+import huggingface_hub.constants
 import pytest
 import torch
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import minild
 
@@ -34,3 +39,35 @@ def tiny_config(**overrides):
 @pytest.fixture
 def tiny_pipeline():
     return minild.Pipeline.from_config(tiny_config())
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: set the variable and its copy.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A CLIP tokenizer over single printable characters and a 2-layer, 32-d CLIPTextModel."""
+    directory = tmp_path_factory.mktemp("tiny_clip")
+    characters = [c for c in string.printable if not c.isspace()]
+    tokens = characters + [c + "</w>" for c in characters] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(
+        vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"), model_max_length=77
+    )
+    config = CLIPTextConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        vocab_size=len(vocab), max_position_embeddings=77,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
+    torch.manual_seed(0)
+    tokenizer.save_pretrained(directory)
+    CLIPTextModel(config).save_pretrained(directory)
+    return directory

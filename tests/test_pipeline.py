@@ -124,3 +124,55 @@ def test_generate_equals_a_diffusers_ddim_loop_with_the_same_seed(tiny_pipeline)
             x = scheduler.step(eps, t, x, eta=1.0, generator=generator).prev_sample
     images = tiny_pipeline.generate(2, num_inference_steps=10, sampler={"name": "ddim", "eta": 1.0}, seed=5)
     assert (images - ((x + 1) / 2).clamp(0, 1)).abs().max() < 1e-5
+
+
+@pytest.fixture
+def text_pipeline(tiny_clip_dir, offline):
+    config = tiny_config(
+        model={"cross_attention_dim": 32, "cross_attention_heads": 2},
+        text_encoder={"name": "clip", "pretrained": str(tiny_clip_dir), "max_length": 8},
+        data={"prompt_templates": ["a handwritten digit {name}", "{label}"]},
+    )
+    return minild.Pipeline.from_config(config)
+
+
+def test_text_conditioned_training_uses_prompt_embeddings_with_dropout(text_pipeline):
+    seen = []
+    text_pipeline.model.register_forward_hook(lambda module, args, kwargs, out: seen.append(kwargs["context"]), with_kwargs=True)
+    text_pipeline.train(max_steps=2, p_uncond=0.5)
+    empty = text_pipeline.text_encoder.encode([""])[0]
+    rows = torch.cat(seen)  # [2 * B, L, D]
+    dropped = [bool(torch.equal(row, empty)) for row in rows]
+    assert any(dropped) and not all(dropped)
+
+
+def test_prompts_generate_and_survive_a_save_load_round_trip(text_pipeline, tmp_path):
+    text_pipeline.train(max_steps=2)
+    prompts = ["a handwritten digit seven", "3"]
+    images = text_pipeline.generate(prompts=prompts, guidance_scale=3.0, num_inference_steps=3, seed=0)
+    assert images.shape == (2, 1, 28, 28)
+    text_pipeline.save_pretrained(tmp_path)
+    again = minild.Pipeline.from_pretrained(tmp_path)
+    assert torch.equal(again.generate(prompts=prompts, guidance_scale=3.0, num_inference_steps=3, seed=0), images)
+
+
+def test_prompt_guidance_batches_cond_and_empty_prompt(text_pipeline):
+    contexts = []
+    text_pipeline.model.register_forward_hook(lambda module, args, kwargs, out: contexts.append(kwargs["context"]), with_kwargs=True)
+    text_pipeline.generate(prompts=["seven"], guidance_scale=2.0, num_inference_steps=1, seed=0)
+    (context,) = contexts
+    assert context.shape[0] == 2
+    assert torch.equal(context[1], text_pipeline.text_encoder.encode([""])[0])
+
+
+def test_class_labels_on_a_text_only_model_are_refused(text_pipeline):
+    with pytest.raises(ValueError, match="not class-conditional"):
+        text_pipeline.generate(class_labels=[3])
+
+
+def test_text_encoder_width_must_match_the_model(tiny_clip_dir, offline):
+    config = tiny_config(
+        model={"cross_attention_dim": 16}, text_encoder={"name": "clip", "pretrained": str(tiny_clip_dir)}
+    )
+    with pytest.raises(ValueError, match="gives 32-d embeddings but model.cross_attention_dim is 16"):
+        minild.Pipeline.from_config(config)
