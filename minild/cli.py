@@ -1,4 +1,4 @@
-"""The ``minild`` command line: train, sample, plugins. Only this module prints and exits."""
+"""The ``minild`` command line: train, sample, plugins, experiment. Only this module prints and exits."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from minild import plugins
+from minild.images import grid_columns, grid_labels, save_grid
 
 # Classifier-free guidance for class-conditional models, in diffusers' convention:
 # 1.0 is the plain conditional model, 3.0 is the paper's w = 2.
@@ -30,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a pipeline from a YAML config and save it")
     train.add_argument("config", help="YAML config (see configs/)")
-    train.add_argument("--out", default=None, help="run directory to save into (default: runs/<config name>)")
+    train.add_argument("--out", default=None, help="run directory to save into (default: runs/<config name>, or RUN_DIR)")
+    train.add_argument("--resume", metavar="RUN_DIR", default=None,
+                       help="continue RUN_DIR from its newest complete checkpoint (see the `checkpoint` hook)")
     train.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
     train.add_argument("--max-minutes", type=float, default=None, help="stop after M minutes of training")
     train.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default: from the config)")
@@ -53,6 +56,29 @@ def _parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("plugins", help="list registered stages and the plugins that provide them")
     listing.set_defaults(run=_plugins)
+
+    experiment = commands.add_parser("experiment", help="score a saved digit run with the digit classifier")
+    experiments = experiment.add_subparsers(dest="experiment", required=True)
+    cfg = experiments.add_parser("cfg-digits", help="class accuracy and digit-FID across guidance scales")
+    cfg.add_argument("run_dir", help="a saved class-conditional digit run")
+    cfg.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 3.0, 5.0, 7.5], help=GUIDANCE_HELP)
+    cfg.add_argument("--per-class", type=int, default=100, help="images per digit and scale")
+    cfg.add_argument("--steps", type=int, default=50, help="number of inference steps")
+    cfg.add_argument("--seed", type=int, default=0)
+    cfg.add_argument("--batch-size", type=int, default=200, help="images per generate() call")
+    cfg.add_argument("--out", default=None, help="output folder (default: RUN_DIR/cfg_digits)")
+    cfg.set_defaults(run=_experiment)
+    prompt = experiments.add_parser("prompt-digits", help="how often each prompt yields its digit")
+    prompt.add_argument("run_dir", help="a saved text-conditioned digit run")
+    prompt.add_argument("--prompts-file", default=None, help="YAML mapping digit → list of prompts "
+                        "(default: 'a handwritten digit seven', '7', 'seven' for every digit)")
+    prompt.add_argument("--per-prompt", type=int, default=20, help="images per prompt")
+    prompt.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE, help=GUIDANCE_HELP)
+    prompt.add_argument("--steps", type=int, default=50, help="number of inference steps")
+    prompt.add_argument("--seed", type=int, default=0)
+    prompt.add_argument("--batch-size", type=int, default=200, help="images per generate() call")
+    prompt.add_argument("--out", default=None, help="output folder (default: RUN_DIR/prompt_digits)")
+    prompt.set_defaults(run=_experiment)
     return parser
 
 
@@ -67,8 +93,12 @@ def _train(args) -> int:
         overrides["max_minutes"] = args.max_minutes
     if args.device is not None:
         overrides["device"] = args.device
-    run_dir = Path(args.out or Path("runs") / Path(args.config).stem)
-    result = pipe.train(run_dir=run_dir, **overrides)
+    run_dir = Path(args.out or args.resume or Path("runs") / Path(args.config).stem)
+    result = pipe.train(run_dir=run_dir, resume=args.resume, **overrides)
+    if not result.main_process:  # the other processes of an `accelerate launch` run
+        return 0
+    if result.resumed_from is not None:
+        print(f"resumed from {result.resumed_from}")
     pipe.save_pretrained(run_dir)
     print(
         f"trained {result.steps} steps ({result.epochs_completed} epochs) in {result.seconds:.0f}s, "
@@ -76,9 +106,9 @@ def _train(args) -> int:
     )
     if args.grid > 0:
         path = run_dir / "samples.png"
-        labels = _grid_labels(pipe, args.grid)
+        labels = grid_labels(pipe, args.grid)
         images = pipe.generate(args.grid, class_labels=labels, guidance_scale=args.guidance_scale, seed=0)
-        save_grid(images, path, nrow=_grid_columns(pipe))
+        save_grid(images, path, nrow=grid_columns(pipe))
         print(f"wrote {path}")
     return 0
 
@@ -92,13 +122,13 @@ def _sample(args) -> int:
         sampler = {"name": args.sampler or pipe.config.sampler.name}
         if args.eta is not None:
             sampler["eta"] = args.eta
-    labels = [args.class_label] * args.num if args.class_label is not None else _grid_labels(pipe, args.num)
+    labels = [args.class_label] * args.num if args.class_label is not None else grid_labels(pipe, args.num)
     images = pipe.generate(
         args.num, class_labels=labels, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
         sampler=sampler, seed=args.seed, use_ema=not args.no_ema,
     )
     path = Path(args.out or Path(args.run_dir) / "samples.png")
-    save_grid(images, path, nrow=None if args.class_label is not None else _grid_columns(pipe))
+    save_grid(images, path, nrow=None if args.class_label is not None else grid_columns(pipe))
     print(f"wrote {path}")
     return 0
 
@@ -116,31 +146,43 @@ def _plugins(args) -> int:
     return 0
 
 
-def _grid_labels(pipe, num: int):
-    """Cycle through the classes for a class-conditional model, so the grid shows every digit."""
-    num_classes = getattr(pipe.model, "num_classes", None)
-    return None if num_classes is None else [i % num_classes for i in range(num)]
+def _experiment(args) -> int:
+    from minild import experiments
+    from minild.conditioning import wants_text
+    from minild.metrics import load_digit_classifier
+    from minild.pipeline import Pipeline
 
-
-def _grid_columns(pipe) -> int | None:
-    """One column per class, so every row of the grid reads 0, 1, …, 9 for digits."""
-    return getattr(pipe.model, "num_classes", None)
+    pipe = Pipeline.from_pretrained(args.run_dir)
+    common = dict(num_inference_steps=args.steps, seed=args.seed, batch_size=args.batch_size)
+    if args.experiment == "cfg-digits":
+        if getattr(pipe.model, "num_classes", None) != 10:
+            raise ValueError(f"{args.run_dir} is not a class-conditional digit run (model.num_classes must be 10); "
+                             "cfg-digits needs one (train configs/digits_class_cfg.yaml)")
+        out = Path(args.out or Path(args.run_dir) / "cfg_digits")
+    else:
+        if not wants_text(pipe.model):
+            raise ValueError(f"{args.run_dir} is not a text-conditioned run; prompt-digits needs one "
+                             "(train configs/digits_text_cfg.yaml)")
+        prompts = (experiments.load_prompts_file(args.prompts_file) if args.prompts_file
+                   else experiments.default_digit_prompts())
+        out = Path(args.out or Path(args.run_dir) / "prompt_digits")
+    classifier = load_digit_classifier()
+    print(f"digit classifier: {classifier.info['test_accuracy']:.1%} accuracy on the held-out test digits")
+    if args.experiment == "cfg-digits":
+        experiments.run_cfg_digits(pipe, guidance_scales=args.scales, per_class=args.per_class, out_dir=out,
+                                   classifier=classifier, log=print, **common)
+        print((out / "results.md").read_text())
+    else:
+        experiments.run_prompt_digits(pipe, prompts, per_prompt=args.per_prompt, guidance_scale=args.guidance_scale,
+                                      out_dir=out, classifier=classifier, **common)
+        print((out / "prompts.md").read_text())
+    print(f"wrote {out}")
+    return 0
 
 
 def _mean_tail(values: list[float], n: int = 50) -> float:
     tail = values[-n:]
     return sum(tail) / max(len(tail), 1)
-
-
-def save_grid(images, path: str | Path, nrow: int | None = None) -> None:
-    """Write ``[B, C, H, W]`` images in [0, 1] as one PNG grid."""
-    import math
-
-    from torchvision.utils import save_image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, str(path), nrow=nrow or math.ceil(math.sqrt(len(images))), padding=2)
 
 
 if __name__ == "__main__":

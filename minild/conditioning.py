@@ -77,13 +77,15 @@ class TrainingConditioner:
 def guided_model_fn(model, cond: dict[str, Any], uncond: dict[str, Any], guidance_scale: float):
     """``model_fn(x, t) -> eps`` with conditioning and classifier-free guidance folded in.
 
-    eps = eps_u + s · (eps_c − eps_u): s = 1 is the conditional model alone (no second pass),
-    s = 0 the unconditional one; the CFG paper's w is s − 1.
+    eps = eps_u + s · (eps_c − eps_u): s = 1 is the conditional model alone and s = 0 the
+    unconditional one (one pass each); the CFG paper's w is s − 1.
     """
     if not cond:
         return lambda x, t: model(x, t)
     if guidance_scale == 1.0:
         return lambda x, t: model(x, t, **cond)
+    if guidance_scale == 0.0:
+        return lambda x, t: model(x, t, **uncond)
     both = {key: torch.cat([cond[key], uncond[key]]) for key in cond}
 
     def guided(x, t):

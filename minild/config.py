@@ -48,16 +48,20 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64
-    lr: float = 1e-3
+    batch_size: int = 64  # images per forward pass, summed over all processes
+    grad_accumulation_steps: int = 1  # forward passes per optimizer step
+    lr: float = 1e-3  # peak learning rate (after warm-up)
+    lr_schedule: typing.Literal["constant", "cosine", "linear"] = "constant"  # after warm-up; decays reach 0 at the end
+    warmup_steps: int = 0  # optimizer steps of linear warm-up from lr / warmup_steps to lr
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0  # max global grad norm; None disables clipping
     max_steps: int | None = None
     epochs: int | None = None
-    max_minutes: float | None = None
+    max_minutes: float | None = None  # wall-clock budget of one train() call
     p_uncond: float = 0.1  # condition dropout for classifier-free guidance
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | mps
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: typing.Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16: autocast; fp16: autocast + GradScaler, CUDA only
     channels_last: bool = True
     hooks: list = field(default_factory=lambda: ["progress"])
 
@@ -235,4 +239,6 @@ def _describe(expected: Any) -> str:
         return " or ".join(_describe(arg) for arg in typing.get_args(expected))
     if expected is type(None):
         return "null"
+    if typing.get_origin(expected) is typing.Literal:
+        return "one of " + ", ".join(repr(arg) for arg in typing.get_args(expected))
     return getattr(expected, "__name__", str(expected))

@@ -100,14 +100,28 @@ def register_trainer_hooks(register):
 
 # ---------------------------------------------------------------------------
 # Trainer hooks: called by ``minild.train.Trainer`` during ``Pipeline.train``.
-# ``trainer`` exposes ``pipeline``, ``model``, ``optimizer``, ``step`` (optimizer
-# steps done), ``epoch``, ``run_dir`` (may be None) and ``request_stop(reason)``.
+# ``trainer`` exposes, read-only unless noted:
+#   pipeline, model (the unwrapped nn.Module), optimizer, scheduler (LR), config
+#   (TrainConfig), device, run_dir (Path or None), step (optimizer steps done),
+#   epoch (full passes done), steps_per_epoch, total_steps (None under a time budget
+#   alone), losses / epoch_losses (the whole run's history, resumed runs included),
+#   resumed_from (checkpoint Path or None), is_main_process (False on the other
+#   processes of a multi-process run: write files only on the main one), and
+#   request_stop(reason) (stop after the current step; the first reason wins),
+#   save_checkpoint() -> Path (writes run_dir/checkpoints/step-…; None off the main process).
+# Implementations run in the order of ``train.hooks``; third-party plugins after
+# them. The ``checkpoint`` and ``sample_grid`` hooks run last (``trylast``), so
+# a checkpoint or grid at step k sees every other hook's work for step k.
+# Hooks that draw random numbers should use their own torch.Generator: the
+# global RNG streams are part of a checkpoint.
 # ---------------------------------------------------------------------------
 
 
 @hookspec
 def minild_train_start(trainer):
-    """Training is about to take its first step (after any resume)."""
+    """Training is about to take its first step (after any resume: ``trainer.step``
+    and ``trainer.resumed_from`` say where it continues). Raise ``ValueError`` to
+    refuse the run, e.g. when a hook needs ``trainer.run_dir`` and it is None."""
 
 
 @hookspec
@@ -115,16 +129,33 @@ def minild_train_step_end(trainer, step, loss, lr, batch_size):
     """One optimizer step finished.
 
     ``step``: steps done so far (1 after the first step); ``loss``: that step's mean
-    eps-MSE as a Python float; ``lr``: learning rate used; ``batch_size``: images in it.
+    eps-MSE as a Python float (averaged over gradient-accumulation passes and
+    processes); ``lr``: learning rate used; ``batch_size``: images in it (all passes,
+    all processes). Not called for a step whose loss is NaN or inf: that step is not
+    taken and training stops.
     """
 
 
 @hookspec
 def minild_train_epoch_end(trainer, epoch, mean_loss):
-    """A full pass over the dataset finished; ``epoch`` counts from 1."""
+    """A full pass over the dataset finished; ``epoch`` counts from 1 and
+    ``mean_loss`` is the mean of that epoch's step losses."""
+
+
+@hookspec
+def minild_checkpoint_saved(trainer, path, step):
+    """A complete checkpoint of the run after ``step`` optimizer steps now exists at
+    ``path`` (``run_dir/checkpoints/step-000123``, see ``minild.checkpoint``)."""
+
+
+@hookspec
+def minild_samples_saved(trainer, path, step, images):
+    """The ``sample_grid`` hook sampled ``images`` ``[B, C, H, W]`` in [0, 1] (CPU,
+    fixed seed) after ``step`` optimizer steps and wrote them as a grid to ``path``."""
 
 
 @hookspec
 def minild_train_end(trainer, reason):
     """Training stopped; ``reason`` is ``"max_steps"``, ``"max_minutes"``,
-    ``"epochs"`` or the text given to ``trainer.request_stop``."""
+    ``"epochs"``, a message starting ``"non-finite loss"`` or the text given to
+    ``trainer.request_stop``."""

@@ -114,9 +114,11 @@ class Pipeline:
             data.dataset, root=data.root, image_size=data.image_size, channels=data.channels, split=data.split
         )
 
-    def train(self, dataset=None, *, run_dir: str | Path | None = None, **overrides: Any) -> TrainResult:
+    def train(self, dataset=None, *, run_dir: str | Path | None = None, resume: str | Path | None = None,
+              **overrides: Any) -> TrainResult:
         """Train the eps-model; ``overrides`` replace ``train`` config keys for this call
-        (e.g. ``max_steps=100``). Uses the configured dataset unless one is given."""
+        (e.g. ``max_steps=100``). Uses the configured dataset unless one is given.
+        ``resume``: a run directory to continue from its newest complete checkpoint."""
         train_config = copy.deepcopy(self.config.train)
         for key, value in overrides.items():
             if not hasattr(train_config, key):
@@ -126,7 +128,7 @@ class Pipeline:
             dataset = self.load_dataset()
         if self.config.image_shape is None:
             self.config.image_shape = list(dataset.images.shape[1:] if hasattr(dataset, "images") else dataset[0][0].shape)
-        return Trainer(self, train_config, run_dir=run_dir).fit(dataset)
+        return Trainer(self, train_config, run_dir=run_dir, resume=resume).fit(dataset)
 
     # -- generation -----------------------------------------------------------------
 

@@ -16,7 +16,7 @@ def write(tmp_path, config):
 
 
 def test_shipped_configs_load():
-    for name in ("digits_ddpm", "digits_class_cfg"):
+    for name in ("digits_ddpm", "digits_class_cfg", "digits_text_cfg"):
         config = load_config(f"configs/{name}.yaml")
         assert config.model.name and config.schedule.name and config.sampler.name
 

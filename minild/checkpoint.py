@@ -1,0 +1,385 @@
+"""Checkpoints of a training run: atomic directories of safetensors + JSON from which a run
+resumes exactly where it stopped (same losses, same final weights, bit for bit on the CPU).
+
+Layout of ``RUN_DIR/checkpoints/step-000123/`` (the step is zero-padded to six digits):
+
+- ``model.safetensors``: the model's state dict;
+- ``ema.safetensors``: the EMA model's state dict (only when the run keeps one);
+- ``optimizer.safetensors``: every tensor of the optimizer state, named ``state.<param>.<key>``;
+- ``trainer.safetensors``: ``data_order`` (the current epoch's permutation, absent between
+  epochs), ``losses`` / ``epoch_losses`` (float64 history) and the RNG states ``rng.generator``
+  (the trainer's torch.Generator), ``rng.torch``, ``rng.cuda.<i>``, ``rng.numpy``, ``rng.python``;
+- ``trainer.json``, written last: step, epoch, position in the epoch, the optimizer's
+  param groups, the LR scheduler and grad scaler states, the rest of the RNG states, the
+  configs, and the byte size and SHA-256 of every file above.
+
+A checkpoint is written into a hidden temporary directory, fsync'd, then renamed into place,
+so ``step-…`` directories only ever appear complete. Loading re-checks every file against
+``trainer.json`` and falls back to the previous checkpoint when one is damaged.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+if TYPE_CHECKING:
+    from minild.train import Trainer
+
+CHECKPOINTS_DIR = "checkpoints"
+MANIFEST_NAME = "trainer.json"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, partial, damaged, or does not fit the run resuming from it."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded, verified checkpoint: ``tensors[file stem][name]`` and the manifest ``state``."""
+
+    path: Path
+    tensors: dict[str, dict[str, torch.Tensor]]
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
+
+
+# -- discovery ----------------------------------------------------------------------
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Published checkpoint directories of a run, oldest step first (not yet verified)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(match[1]), path) for path in root.iterdir() if (match := _STEP_DIR.fullmatch(path.name))]
+    return [path for _, path in sorted(found)]
+
+
+def run_dir_of(path: str | Path) -> Path:
+    """The run directory of ``path``, which is either a run directory or one of its checkpoints."""
+    path = Path(path)
+    return path.parent.parent if (path / MANIFEST_NAME).is_file() else path
+
+
+def load_latest(path: str | Path) -> Checkpoint:
+    """Load ``path`` if it is a checkpoint, else the newest complete checkpoint of the run
+    directory ``path``. Damaged checkpoints are skipped with a warning."""
+    path = Path(path)
+    if (path / MANIFEST_NAME).is_file():
+        return read_checkpoint(path)
+    candidates = list_checkpoints(path)
+    for candidate in reversed(candidates):
+        try:
+            return read_checkpoint(candidate)
+        except CheckpointError as err:
+            warnings.warn(f"skipping damaged checkpoint: {err}", stacklevel=2)
+    where = path / CHECKPOINTS_DIR
+    detail = f"none of its {len(candidates)} checkpoints is complete" if candidates else "it holds no checkpoint"
+    raise FileNotFoundError(
+        f"cannot resume from {path}: {detail} ({where}); train with the `checkpoint` hook in train.hooks to write them"
+    )
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int, keep: Path) -> list[Path]:
+    """Delete all but the ``keep_last`` newest checkpoints, never ``keep``; returns the deleted."""
+    others = [path for path in list_checkpoints(run_dir) if path != keep]
+    old = others[: max(len(others) - (keep_last - 1), 0)]
+    for path in old:
+        _remove_dir(path)
+    return old
+
+
+def remove_leftovers(run_dir: str | Path) -> None:
+    """Delete the hidden directories of checkpoint writes or deletions that a crash interrupted."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith((".tmp-step-", ".old-step-", ".del-step-")):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def set_aside_newer(run_dir: str | Path, step: int) -> None:
+    """Rename checkpoints newer than ``step`` (damaged ones, when resuming from ``step``) to
+    ``step-….damaged``, so that a resumed run neither prunes its own new ones for them nor
+    resumes from them later."""
+    for path in list_checkpoints(run_dir):
+        if int(_STEP_DIR.fullmatch(path.name)[1]) > step:
+            os.rename(path, path.with_name(f"{path.name}.damaged-{uuid.uuid4().hex[:8]}"))
+
+
+# -- reading and writing ------------------------------------------------------------
+
+
+def write_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, dict[str, torch.Tensor]],
+                     state: dict[str, Any]) -> Path:
+    """Write ``tensors`` (file stem → name → tensor) and the JSON ``state`` as the checkpoint
+    ``run_dir/checkpoints/step-…``, atomically; returns its path."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_dir_name(step)
+    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        files = {}
+        for stem, group in tensors.items():
+            # safetensors refuses shared or non-contiguous storage: store independent contiguous copies.
+            group = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in group.items()}
+            data = save_safetensors(group)
+            _write_synced(tmp / f"{stem}.safetensors", data)
+            files[f"{stem}.safetensors"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        manifest = {"format": FORMAT_VERSION, **state, "files": files}
+        _write_synced(tmp / MANIFEST_NAME, json.dumps(manifest, indent=1, allow_nan=False).encode())
+        _fsync_dir(tmp)
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Load and verify one checkpoint directory; raises ``CheckpointError`` if it is damaged."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST_NAME).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {MANIFEST_NAME} is missing") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: {MANIFEST_NAME} is not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or "files" not in manifest:
+        raise CheckpointError(f"{path}: not a minild checkpoint of format {FORMAT_VERSION}")
+    tensors = {}
+    for name, expected in manifest["files"].items():
+        try:
+            data = (path / name).read_bytes()
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: {name} is missing") from None
+        if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            raise CheckpointError(
+                f"{path}: {name} is damaged ({len(data)} bytes, expected {expected['bytes']}, or its SHA-256 differs)"
+            )
+        tensors[name.removesuffix(".safetensors")] = load_safetensors(data)
+    return Checkpoint(path, tensors, manifest)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` directory to ``final``, replacing an older one of that name."""
+    if final.exists():  # the same step saved again, e.g. after resuming from an earlier checkpoint
+        old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        _remove_dir(old)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _remove_dir(path: Path) -> None:
+    # Hide it first, so that a crash halfway through the deletion leaves no damaged step-… behind.
+    hidden = path.with_name(f".del-{path.name}-{uuid.uuid4().hex[:8]}")
+    os.rename(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+# -- the trainer's state ------------------------------------------------------------
+
+
+def save_checkpoint(trainer: "Trainer") -> Path:
+    """Write a checkpoint of ``trainer`` into ``trainer.run_dir``; refuses non-finite weights."""
+    model_state = trainer.model.state_dict()
+    ema = trainer.pipeline.ema_model
+    _check_finite(model_state, trainer.step)
+    tensors = {"model": model_state}
+    if ema is not None:
+        tensors["ema"] = ema.state_dict()
+    optimizer_tensors, optimizer_state = _split_optimizer_state(trainer.optimizer.state_dict())
+    tensors["optimizer"] = optimizer_tensors
+    rng_tensors, rng_state = capture_rng(trainer.generator)
+    history = {
+        "losses": torch.tensor(trainer.losses, dtype=torch.float64),
+        "epoch_losses": torch.tensor(trainer.epoch_losses, dtype=torch.float64),
+    }
+    if trainer.data_order is not None:
+        history["data_order"] = trainer.data_order
+    tensors["trainer"] = {**history, **{f"rng.{name}": tensor for name, tensor in rng_tensors.items()}}
+    state = {
+        "step": trainer.step,
+        "epoch": trainer.epoch,
+        "batches_done": trainer.batches_done,  # forward-pass batches of the current epoch already trained on
+        "epoch_loss_sum": trainer.epoch_loss_sum,
+        "optimizer": optimizer_state,
+        "scheduler": trainer.scheduler.state_dict(),
+        "grad_scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
+        "rng": rng_state,
+        "train": dataclasses.asdict(trainer.config),
+        "pipeline": trainer.pipeline.config.to_dict(),
+    }
+    return write_checkpoint(trainer.run_dir, trainer.step, tensors, state)
+
+
+def restore(trainer: "Trainer", checkpoint: Checkpoint) -> None:
+    """Put ``trainer`` (set up for training, not yet started) in the checkpoint's state, all
+    but the global RNGs (``restore_global_rng``, called just before the first step)."""
+    state, tensors = checkpoint.state, checkpoint.tensors
+    _warn_on_changed_data_stream(checkpoint, trainer)
+    _load_module(trainer.model, tensors["model"], checkpoint.path / "model.safetensors")
+    if "ema" in tensors:
+        ema = copy.deepcopy(trainer.model).requires_grad_(False)  # same device and memory format
+        _load_module(ema, tensors["ema"], checkpoint.path / "ema.safetensors")
+        trainer.pipeline.ema_model = ema
+    else:
+        trainer.pipeline.ema_model = None
+    trainer.optimizer.load_state_dict(_join_optimizer_state(tensors["optimizer"], state["optimizer"]))
+    _match_param_layout(trainer.optimizer)
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    if trainer.scaler is not None and state["grad_scaler"] is not None:
+        trainer.scaler.load_state_dict(state["grad_scaler"])
+    trainer.generator.set_state(tensors["trainer"]["rng.generator"])
+    data_order = tensors["trainer"].get("data_order")
+    if data_order is not None and len(data_order) != trainer.dataset_size:
+        raise CheckpointError(
+            f"{checkpoint.path}: its data order covers {len(data_order)} images but the dataset has "
+            f"{trainer.dataset_size}: resume with the dataset the run was trained on"
+        )
+    trainer.data_order = None if data_order is None else data_order.to(trainer.generator.device)
+    trainer.step, trainer.epoch = state["step"], state["epoch"]
+    trainer.batches_done, trainer.epoch_loss_sum = state["batches_done"], state["epoch_loss_sum"]
+    trainer.losses = tensors["trainer"]["losses"].tolist()
+    trainer.epoch_losses = tensors["trainer"]["epoch_losses"].tolist()
+
+
+def capture_rng(generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every RNG state a training step can touch: tensors and their JSON remainder."""
+    tensors = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{index}"] = cuda_state
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(keys.astype(np.int64))
+    version, python_state, gauss_next = random.getstate()
+    tensors["python"] = torch.tensor(python_state, dtype=torch.int64)
+    json_state = {
+        "numpy": {"kind": kind, "position": int(position), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": version, "gauss_next": gauss_next},
+    }
+    return tensors, json_state
+
+
+def restore_global_rng(checkpoint: Checkpoint) -> None:
+    """Set the global torch (CPU, CUDA), numpy and python RNGs to the checkpoint's states."""
+    tensors, state = checkpoint.tensors["trainer"], checkpoint.state["rng"]
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
+    if cuda_states and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    numpy_state = state["numpy"]
+    np.random.set_state((
+        numpy_state["kind"], tensors["rng.numpy"].numpy().astype(np.uint32), numpy_state["position"],
+        numpy_state["has_gauss"], numpy_state["cached_gaussian"],
+    ))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(tensors["rng.python"].tolist()), python_state["gauss_next"]))
+
+
+def _check_finite(state: dict[str, torch.Tensor], step: int) -> None:
+    floats = [tensor for tensor in state.values() if tensor.is_floating_point()]
+    if floats and not torch.stack([tensor.isfinite().all() for tensor in floats]).all():
+        raise CheckpointError(f"the model has NaN or inf weights after step {step}: not writing a checkpoint of them")
+
+
+def _split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``optimizer.state_dict()`` → tensors named ``state.<param>.<key>`` + the JSON rest."""
+    tensors, rest = {}, {}
+    for index, values in state_dict["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{key}"] = value
+            else:
+                rest.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "state": rest}
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = tensor
+    for index, values in rest["state"].items():
+        state.setdefault(int(index), {}).update(values)
+    groups = [{key: tuple(value) if key == "betas" else value for key, value in group.items()}
+              for group in rest["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _match_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give restored moment tensors their parameter's memory format (channels_last), as the
+    optimizer's own ``zeros_like(param)`` initialisation does."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+def _load_module(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    expected = module.state_dict()
+    if set(state) != set(expected) or any(state[key].shape != expected[key].shape for key in expected):
+        raise CheckpointError(
+            f"{path} does not fit the configured {type(module).__name__}: was it saved from a run with "
+            "a different model config?"
+        )
+    module.load_state_dict(state)  # copies into the existing tensors, keeping their memory format
+
+
+def _warn_on_changed_data_stream(checkpoint: Checkpoint, trainer: "Trainer") -> None:
+    saved = checkpoint.state["train"]
+    current = dataclasses.asdict(trainer.config)
+    keys = ("batch_size", "grad_accumulation_steps", "seed", "p_uncond")
+    changed = [key for key in keys if saved[key] != current[key]]
+    if changed:
+        warnings.warn(
+            f"resuming {checkpoint.path} with changed train.{', train.'.join(changed)}: training continues, "
+            "but not as the original run would have", stacklevel=3,
+        )

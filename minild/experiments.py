@@ -1,0 +1,309 @@
+"""Experiments that measure a trained digit pipeline with the digit classifier of ``minild.metrics``:
+class accuracy and digit-FID across guidance scales, and how often a prompt yields its digit.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from minild.data import load_dataset
+from minild.metrics import (
+    DigitClassifier,
+    classify,
+    digit_features,
+    frechet_distance,
+    load_digit_classifier,
+    mean_accuracy,
+    per_class_accuracy,
+)
+
+NUM_DIGITS = 10
+GUIDANCE_SCALES = (0.0, 1.0, 3.0, 5.0, 7.5)
+DIGIT_WORDS = "zero one two three four five six seven eight nine".split()
+# Seeds of distinct runs give disjoint batch generators as long as a run has fewer batches than this.
+_SEED_STRIDE = 10_000
+
+
+def default_digit_prompts() -> dict[int, list[str]]:
+    """Three phrasings per digit: ``"a handwritten digit seven"``, ``"7"``, ``"seven"``."""
+    return {digit: [f"a handwritten digit {word}", f"{digit}", word] for digit, word in enumerate(DIGIT_WORDS)}
+
+
+# ---------------------------------------------------------------------------- guidance sweep
+
+
+def run_cfg_digits(
+    pipeline,
+    *,
+    guidance_scales: Sequence[float] = GUIDANCE_SCALES,
+    per_class: int = 100,
+    num_inference_steps: int = 50,
+    seed: int = 0,
+    batch_size: int = 200,
+    out_dir: str | Path | None = None,
+    classifier: DigitClassifier | None = None,
+    grid_per_class: int = 8,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Sample ``per_class`` digits of every class at each guidance scale and score them.
+
+    ``guidance_scales`` follow diffusers (and ``Pipeline.generate``): 1.0 is the plain
+    conditional model, 0.0 the unconditional one (its accuracy is chance, ~10 %), and the
+    classifier-free-guidance paper's weight is w = scale − 1. Images are drawn in batches of
+    at most ``batch_size`` (classes interleaved); batch ``i`` uses a generator seeded from
+    ``seed`` and ``i``, so every scale starts from the same noise and reruns repeat exactly.
+
+    Returns one dict per scale: ``guidance_scale``, ``paper_w``, ``num_images``,
+    ``mean_accuracy``, ``per_class_accuracy`` (10 floats), ``digit_fid`` (against the 500
+    held-out ``test`` digits) and ``seconds`` (sampling time). With ``out_dir``, writes
+    ``grid.png`` (rows: digits 0–9; one block of ``grid_per_class`` columns per scale, left to
+    right), ``results.csv`` and ``results.md``.
+    """
+    num_classes = getattr(pipeline.model, "num_classes", None)
+    if num_classes != NUM_DIGITS:
+        raise ValueError(
+            f"the cfg-digits experiment needs a class-conditional digit model (model.num_classes = {NUM_DIGITS}); "
+            f"this one has num_classes = {num_classes}. Train one with configs/digits_class_cfg.yaml"
+        )
+    _check_positive(per_class=per_class, batch_size=batch_size, num_inference_steps=num_inference_steps)
+    if not guidance_scales:
+        raise ValueError("guidance_scales is empty: give at least one scale, e.g. (1.0, 3.0)")
+    classifier = classifier if classifier is not None else load_digit_classifier()
+    reference = digit_features(classifier, _unit(load_dataset("digits", split="test").images))
+    labels = torch.arange(NUM_DIGITS).repeat(per_class)  # [N]: 0, 1, …, 9, 0, 1, …
+    rows, blocks = [], []
+    for scale in guidance_scales:
+        start = time.perf_counter()
+        images = _generate_in_batches(
+            pipeline, labels.split(batch_size), seed, lambda chunk: {"class_labels": chunk.tolist()},
+            guidance_scale=float(scale), num_inference_steps=num_inference_steps,
+        )
+        seconds = time.perf_counter() - start
+        predicted = classify(classifier, images)
+        rows.append({
+            "guidance_scale": float(scale),
+            "paper_w": float(scale) - 1.0,
+            "num_images": len(images),
+            "mean_accuracy": mean_accuracy(predicted, labels),
+            "per_class_accuracy": per_class_accuracy(predicted, labels, NUM_DIGITS),
+            "digit_fid": frechet_distance(digit_features(classifier, images), reference),
+            "seconds": seconds,
+        })
+        blocks.append(torch.stack([images[labels == digit][:grid_per_class] for digit in range(NUM_DIGITS)]))
+        if log is not None:
+            row = rows[-1]
+            log(f"guidance scale {scale:g}: accuracy {row['mean_accuracy']:.1%}, digit-FID {row['digit_fid']:.2f}, "
+                f"{seconds:.0f}s")
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_block_grid(blocks, out_dir / "grid.png")
+        _write_csv(out_dir / "results.csv", [_flat_cfg_row(row) for row in rows])
+        baseline = real_digits_baseline(classifier, len(labels), reference)
+        settings = f"{per_class} digits per class, {num_inference_steps} inference steps, seed {seed}"
+        (out_dir / "results.md").write_text(format_cfg_markdown(rows, settings=settings, baseline=baseline))
+    return rows
+
+
+def real_digits_baseline(classifier: DigitClassifier, num_images: int, reference_features: torch.Tensor) -> dict:
+    """Accuracy and digit-FID of ``num_images`` real training digits (classes balanced) against
+    the test digits: the floor a perfect generator would reach at this sample size."""
+    train = load_dataset("digits", split="train")
+    per_class = max(num_images // NUM_DIGITS, 1)
+    index = torch.cat([torch.nonzero(train.labels == digit).flatten()[:per_class] for digit in range(NUM_DIGITS)])
+    images, labels = _unit(train.images[index]), train.labels[index]
+    return {
+        "num_images": len(index),
+        "mean_accuracy": mean_accuracy(classify(classifier, images), labels),
+        "digit_fid": frechet_distance(digit_features(classifier, images), reference_features),
+    }
+
+
+def format_cfg_markdown(rows: list[dict], *, settings: str = "", baseline: dict | None = None) -> str:
+    """The guidance sweep as Markdown: a caption, one table row per scale, the grid's legend."""
+    digits = " | ".join(str(digit) for digit in range(NUM_DIGITS))
+    lines = [
+        "# Classifier-free guidance on digits",
+        "",
+        "Guidance scale in diffusers' convention (1 = plain conditional, 0 = unconditional); the CFG "
+        "paper's w = scale − 1. Accuracy: the digit classifier agrees with the requested class. "
+        "Digit-FID: against the 500 held-out test digits (lower is closer)." + (f" {settings}." if settings else ""),
+        "",
+        f"| guidance scale | paper w | mean acc | digit-FID | seconds | {digits} |",
+        "| ---: | ---: | ---: | ---: | ---: |" + " ---: |" * NUM_DIGITS,
+    ]
+    for row in rows:
+        per_class = " | ".join(f"{accuracy:.0%}" for accuracy in row["per_class_accuracy"])
+        lines.append(
+            f"| {row['guidance_scale']:g} | {row['paper_w']:g} | {row['mean_accuracy']:.1%} | "
+            f"{row['digit_fid']:.2f} | {row['seconds']:.1f} | {per_class} |"
+        )
+    lines.append("")
+    if baseline is not None:
+        lines += [
+            f"Real training digits ({baseline['num_images']}) score {baseline['mean_accuracy']:.1%} accuracy and "
+            f"digit-FID {baseline['digit_fid']:.2f}: the floor at this sample size.",
+            "",
+        ]
+    scales = ", ".join(f"{row['guidance_scale']:g}" for row in rows)
+    lines += [f"`grid.png`: rows are digits 0–9; column blocks, left to right, are guidance scales {scales}.", ""]
+    return "\n".join(lines)
+
+
+def _flat_cfg_row(row: dict) -> dict:
+    flat = {key: value for key, value in row.items() if key != "per_class_accuracy"}
+    flat.update(mean_accuracy=round(row["mean_accuracy"], 4), digit_fid=round(row["digit_fid"], 4),
+                seconds=round(row["seconds"], 2))
+    flat.update({f"accuracy_{digit}": round(accuracy, 4) for digit, accuracy in enumerate(row["per_class_accuracy"])})
+    return flat
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+def run_prompt_digits(
+    pipeline,
+    prompts_by_digit: dict[int, list[str]],
+    *,
+    per_prompt: int = 20,
+    guidance_scale: float = 3.0,
+    num_inference_steps: int = 50,
+    seed: int = 0,
+    batch_size: int = 200,
+    out_dir: str | Path | None = None,
+    classifier: DigitClassifier | None = None,
+    grid_per_prompt: int = 8,
+) -> list[dict]:
+    """Generate ``per_prompt`` images for every prompt and check that they show the prompt's digit.
+
+    ``prompts_by_digit`` maps a digit to the prompts that ask for it (see
+    :func:`default_digit_prompts`). Prompts share batches of at most ``batch_size``; batch ``i``
+    uses a generator seeded from ``seed`` and ``i``. Returns one dict per prompt: ``digit``,
+    ``prompt``, ``num_images``, ``match`` (fraction classified as ``digit``),
+    ``predicted_counts`` (10 ints) and ``most_common`` (the digit predicted most often). With
+    ``out_dir``, writes ``prompts.md`` and ``prompts_grid.png`` (one row per prompt, in order).
+    """
+    pairs = [(digit, prompt) for digit, prompts in _check_prompts(prompts_by_digit).items() for prompt in prompts]
+    _check_positive(per_prompt=per_prompt, batch_size=batch_size, num_inference_steps=num_inference_steps)
+    classifier = classifier if classifier is not None else load_digit_classifier()
+    pair_index = torch.arange(len(pairs)).repeat_interleave(per_prompt)  # [N]: which pair each image is for
+    start = time.perf_counter()
+    images = _generate_in_batches(
+        pipeline, pair_index.split(batch_size), seed, lambda chunk: {"prompts": [pairs[i][1] for i in chunk.tolist()]},
+        guidance_scale=float(guidance_scale), num_inference_steps=num_inference_steps,
+    )
+    seconds = time.perf_counter() - start
+    predicted = classify(classifier, images).reshape(len(pairs), per_prompt)  # [P, per_prompt]
+    rows = []
+    for (digit, prompt), guesses in zip(pairs, predicted):
+        counts = torch.bincount(guesses, minlength=NUM_DIGITS).tolist()
+        rows.append({
+            "digit": digit, "prompt": prompt, "num_images": per_prompt,
+            "match": counts[digit] / per_prompt, "predicted_counts": counts,
+            "most_common": Counter(guesses.tolist()).most_common(1)[0][0],
+        })
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_block_grid([images.reshape(len(pairs), per_prompt, *images.shape[1:])[:, :grid_per_prompt]],
+                        out_dir / "prompts_grid.png")
+        settings = (f"{per_prompt} images per prompt, guidance scale {guidance_scale:g} (paper w = "
+                    f"{guidance_scale - 1:g}), {num_inference_steps} inference steps, seed {seed}, {seconds:.0f}s")
+        (out_dir / "prompts.md").write_text(format_prompt_markdown(rows, settings=settings))
+    return rows
+
+
+def format_prompt_markdown(rows: list[dict], *, settings: str = "") -> str:
+    """The prompt experiment as Markdown: one table row per prompt, in the grid's row order."""
+    mean = sum(row["match"] for row in rows) / max(len(rows), 1)
+    lines = [
+        "# Prompted digits",
+        "",
+        "Match: the fraction of a prompt's images that the digit classifier reads as the requested digit."
+        + (f" {settings}." if settings else ""),
+        "",
+        "| row | digit | prompt | match | most common prediction |",
+        "| ---: | ---: | --- | ---: | ---: |",
+    ]
+    for number, row in enumerate(rows):
+        prompt = row["prompt"].replace("|", "\\|")
+        lines.append(f"| {number} | {row['digit']} | {prompt} | {row['match']:.0%} | {row['most_common']} |")
+    lines += ["", f"Mean match over {len(rows)} prompts: {mean:.1%}. `prompts_grid.png` has one row per prompt.", ""]
+    return "\n".join(lines)
+
+
+def load_prompts_file(path: str | Path) -> dict[int, list[str]]:
+    """Read a YAML mapping of digit → list of prompts (``7: ["a handwritten digit seven", "7"]``)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from error
+    return _check_prompts(data, source=str(path))
+
+
+def _check_prompts(prompts_by_digit, source: str = "prompts_by_digit") -> dict[int, list[str]]:
+    if not isinstance(prompts_by_digit, dict) or not prompts_by_digit:
+        raise ValueError(f"{source} must map digits (0–9) to lists of prompts, e.g. {{7: ['seven', '7']}}")
+    checked = {}
+    for digit, prompts in prompts_by_digit.items():
+        if type(digit) is not int or not 0 <= digit < NUM_DIGITS:
+            raise ValueError(f"{source}: key {digit!r} is not a digit 0–9")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"{source}: digit {digit} must have a non-empty list of prompt strings, got {prompts!r}")
+        checked[digit] = prompts
+    return checked
+
+
+# ---------------------------------------------------------------------------- shared helpers
+
+
+def _generate_in_batches(pipeline, chunks, seed: int, conditioning, **generate_kwargs) -> torch.Tensor:
+    """``pipeline.generate`` per chunk with its own seeded generator; the images concatenated on the CPU."""
+    images = []
+    for index, chunk in enumerate(chunks):
+        generator = torch.Generator().manual_seed(seed * _SEED_STRIDE + index)
+        images.append(pipeline.generate(**conditioning(chunk), generator=generator, **generate_kwargs).cpu())
+    return torch.cat(images)  # [N, 1, 28, 28] in [0, 1]
+
+
+def save_block_grid(blocks: list[torch.Tensor], path: str | Path, separator: int = 4) -> None:
+    """Write blocks ``[R, K, C, H, W]`` (R rows of K images) side by side as one PNG, with a
+    ``separator``-pixel white bar between blocks."""
+    from torchvision.utils import make_grid, save_image
+
+    grids = [make_grid(block.flatten(0, 1), nrow=block.shape[1], padding=2) for block in blocks]  # [C, H', W']
+    bar = torch.ones(grids[0].shape[0], grids[0].shape[1], separator)
+    pieces = [piece for grid in grids for piece in (bar, grid)][1:]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(torch.cat(pieces, dim=2), str(path))
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _unit(images: torch.Tensor) -> torch.Tensor:
+    """Dataset images in [-1, 1] → [0, 1], what the classifier and ``generate`` use."""
+    return (images + 1) / 2
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if type(value) is not int or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,181 @@
+"""Experiments: the guidance sweep and the prompt check, with a stub pipeline that draws real
+digits, and the `minild experiment` command end to end on a tiny saved pipeline."""
+
+from __future__ import annotations
+
+import csv
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+import minild
+from minild import metrics
+from minild.cli import main
+from minild.data import load_dataset
+from minild.experiments import (
+    DIGIT_WORDS,
+    default_digit_prompts,
+    load_prompts_file,
+    run_cfg_digits,
+    run_prompt_digits,
+)
+from tests.conftest import tiny_config
+from tests.test_metrics import QUICK_TRAIN_STEPS, one_thread, quick_classifier_cache
+CELL = 28 + 2  # an image and make_grid's padding
+
+
+class RealDigitsPipeline:
+    """Stands in for a perfect generator: ``generate`` returns held-out test digits of the
+    requested classes (or of the digit a prompt names), chosen with the given generator."""
+
+    def __init__(self, num_classes: int | None = 10):
+        test = load_dataset("digits", split="test")
+        self.images, self.labels = (test.images + 1) / 2, test.labels
+        self.model = SimpleNamespace(num_classes=num_classes)
+        self.calls = []
+
+    def generate(self, num_images=None, *, class_labels=None, prompts=None, guidance_scale=1.0,
+                 num_inference_steps=50, generator=None, seed=None):
+        if prompts is not None:
+            class_labels = [_digit_named_in(prompt) for prompt in prompts]
+        self.calls.append({"num_images": len(class_labels), "guidance_scale": guidance_scale,
+                           "seed": generator.initial_seed()})
+        picks = []
+        for label in class_labels:
+            candidates = torch.nonzero(self.labels == label).flatten()
+            picks.append(candidates[torch.randint(len(candidates), (), generator=generator)])
+        return self.images[torch.stack(picks)]  # [B, 1, 28, 28] in [0, 1]
+
+
+def _digit_named_in(prompt: str) -> int:
+    for word in prompt.split():
+        if word.isdigit():
+            return int(word)
+        if word in DIGIT_WORDS:
+            return DIGIT_WORDS.index(word)
+    raise ValueError(f"no digit in {prompt!r}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return quick_classifier_cache(tmp_path_factory)
+
+
+@pytest.fixture
+def classifier(cache_dir):
+    return metrics.load_digit_classifier(cache_dir, train_steps=QUICK_TRAIN_STEPS)
+
+
+# ---------------------------------------------------------------------------- cfg-digits
+
+
+def test_cfg_digits_writes_grid_csv_and_markdown_with_one_row_per_scale(tmp_path, classifier):
+    rows = run_cfg_digits(RealDigitsPipeline(), guidance_scales=(0.0, 1.0, 3.0), per_class=10, batch_size=32,
+                          out_dir=tmp_path, classifier=classifier, grid_per_class=4)
+    assert [row["guidance_scale"] for row in rows] == [0.0, 1.0, 3.0]
+    assert [row["paper_w"] for row in rows] == [-1.0, 0.0, 2.0]
+    for row in rows:
+        assert row["num_images"] == 100
+        assert row["mean_accuracy"] > 0.85  # real digits: as good as the classifier
+        assert len(row["per_class_accuracy"]) == 10
+        assert 0 < row["digit_fid"] < 50
+    with (tmp_path / "results.csv").open() as file:
+        table = list(csv.DictReader(file))
+    assert len(table) == 3
+    assert float(table[2]["guidance_scale"]) == 3.0 and "accuracy_9" in table[2]
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| guidance scale | paper w | mean acc | digit-FID | seconds |" in markdown
+    assert len([line for line in markdown.splitlines() if line.startswith("| ") and line[2].isdigit()]) == 3
+    # 10 rows of digits; 3 blocks of 4 columns with 2 separators of 4 pixels.
+    assert Image.open(tmp_path / "grid.png").size == (3 * (4 * CELL + 2) + 2 * 4, 10 * CELL + 2)
+
+
+def test_cfg_digits_samples_in_bounded_seeded_batches(classifier):
+    pipeline = RealDigitsPipeline()
+    first = run_cfg_digits(pipeline, guidance_scales=(1.0, 5.0), per_class=10, batch_size=32, classifier=classifier)
+    assert [call["num_images"] for call in pipeline.calls] == [32, 32, 32, 4] * 2
+    assert [call["guidance_scale"] for call in pipeline.calls] == [1.0] * 4 + [5.0] * 4
+    assert [call["seed"] for call in pipeline.calls[:4]] == [call["seed"] for call in pipeline.calls[4:]]
+    assert len({call["seed"] for call in pipeline.calls[:4]}) == 4
+    again = run_cfg_digits(RealDigitsPipeline(), guidance_scales=(1.0, 5.0), per_class=10, batch_size=32,
+                           classifier=classifier)
+    assert [row["digit_fid"] for row in again] == [row["digit_fid"] for row in first]
+
+
+def test_cfg_digits_refuses_a_model_that_is_not_class_conditional(classifier):
+    with pytest.raises(ValueError, match="class-conditional"):
+        run_cfg_digits(RealDigitsPipeline(num_classes=None), classifier=classifier)
+
+
+# ---------------------------------------------------------------------------- prompt-digits
+
+
+def test_prompt_digits_reports_the_match_of_every_prompt(tmp_path, classifier):
+    prompts = default_digit_prompts()
+    assert prompts[7] == ["a handwritten digit seven", "7", "seven"]
+    pipeline = RealDigitsPipeline()
+    rows = run_prompt_digits(pipeline, prompts, per_prompt=6, batch_size=50, out_dir=tmp_path,
+                             classifier=classifier, grid_per_prompt=5)
+    assert len(rows) == 30
+    assert [call["num_images"] for call in pipeline.calls] == [50, 50, 50, 30]
+    assert rows[21] == {**rows[21], "digit": 7, "prompt": "a handwritten digit seven", "num_images": 6}
+    assert sum(row["match"] for row in rows) / len(rows) > 0.85
+    assert all(sum(row["predicted_counts"]) == 6 for row in rows)
+    markdown = (tmp_path / "prompts.md").read_text()
+    assert "| 21 | 7 | a handwritten digit seven |" in markdown
+    assert Image.open(tmp_path / "prompts_grid.png").size == (5 * CELL + 2, 30 * CELL + 2)
+
+
+def test_prompts_file_maps_digits_to_prompts(tmp_path):
+    good = tmp_path / "prompts.yaml"
+    good.write_text("3: [three, 'a handwritten 3']\n8: eight\n")
+    assert load_prompts_file(good) == {3: ["three", "a handwritten 3"], 8: ["eight"]}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("eleven: [eleven]\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml: key 'eleven' is not a digit"):
+        load_prompts_file(bad)
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+@pytest.fixture
+def cached_classifier_env(cache_dir, monkeypatch):
+    """What the CLI loads by default (``$MINILD_CACHE``, ``TRAIN_STEPS``) points at the quick classifier."""
+    monkeypatch.setenv("MINILD_CACHE", str(cache_dir))
+    monkeypatch.setattr(metrics, "TRAIN_STEPS", QUICK_TRAIN_STEPS)
+
+
+@pytest.mark.filterwarnings("ignore:classifier-free guidance with a model trained without condition dropout")
+def test_cli_cfg_digits_runs_a_saved_pipeline_end_to_end(tmp_path, cached_classifier_env, capsys):
+    run = tmp_path / "run"
+    minild.Pipeline.from_config(tiny_config(model={"num_classes": 10})).save_pretrained(run)
+    assert main(["experiment", "cfg-digits", str(run), "--per-class", "2", "--scales", "1", "3", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| guidance scale | paper w |" in out
+    assert "| 1 | 0 |" in out and "| 3 | 2 |" in out
+    results = run / "cfg_digits"
+    assert {path.name for path in results.iterdir()} == {"grid.png", "results.csv", "results.md"}
+    assert Image.open(results / "grid.png").size == (2 * (2 * CELL + 2) + 4, 10 * CELL + 2)
+
+
+def test_cli_cfg_digits_on_an_unconditional_run_is_an_error(tmp_path, cached_classifier_env, capsys):
+    run = tmp_path / "run"
+    minild.Pipeline.from_config(tiny_config()).save_pretrained(run)
+    assert main(["experiment", "cfg-digits", str(run)]) == 2
+    assert "not a class-conditional digit run" in capsys.readouterr().err
+
+
+def test_cli_prompt_digits_on_a_run_without_text_is_an_error(tmp_path, cached_classifier_env, capsys):
+    run = tmp_path / "run"
+    minild.Pipeline.from_config(tiny_config(model={"num_classes": 10})).save_pretrained(run)
+    assert main(["experiment", "prompt-digits", str(run)]) == 2
+    assert "not a text-conditioned run" in capsys.readouterr().err
