@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from minild import plugins
-from minild.images import grid_columns, grid_labels, save_grid
+from minild.images import grid_columns, grid_conditions, save_grid
 
 # Classifier-free guidance for class-conditional models, in diffusers' convention:
 # 1.0 is the plain conditional model, 3.0 is the paper's w = 2.
@@ -106,8 +106,8 @@ def _train(args) -> int:
     )
     if args.grid > 0:
         path = run_dir / "samples.png"
-        labels = grid_labels(pipe, args.grid)
-        images = pipe.generate(args.grid, class_labels=labels, guidance_scale=args.guidance_scale, seed=0)
+        conditions = grid_conditions(pipe, args.grid)
+        images = pipe.generate(args.grid, **conditions, guidance_scale=args.guidance_scale, seed=0)
         save_grid(images, path, nrow=grid_columns(pipe))
         print(f"wrote {path}")
     return 0
@@ -122,9 +122,12 @@ def _sample(args) -> int:
         sampler = {"name": args.sampler or pipe.config.sampler.name}
         if args.eta is not None:
             sampler["eta"] = args.eta
-    labels = [args.class_label] * args.num if args.class_label is not None else grid_labels(pipe, args.num)
+    if args.class_label is not None:
+        conditions = {"class_labels": [args.class_label] * args.num}
+    else:
+        conditions = grid_conditions(pipe, args.num)
     images = pipe.generate(
-        args.num, class_labels=labels, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
+        args.num, **conditions, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
         sampler=sampler, seed=args.seed, use_ema=not args.no_ema,
     )
     path = Path(args.out or Path(args.run_dir) / "samples.png")

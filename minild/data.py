@@ -24,6 +24,19 @@ SPLITS = ("train", "test", "all")
 _DIGIT_WORDS = "zero one two three four five six seven eight nine".split()
 DIGIT_CLASS_NAMES = [f"{digit} - {word}" for digit, word in enumerate(_DIGIT_WORDS)]
 
+
+
+def known_class_names(dataset: str) -> list[str] | None:
+    """Class names a dataset is known to have without loading it (None when they depend on the files)."""
+    if dataset in ("digits", "mnist"):
+        return list(DIGIT_CLASS_NAMES)
+    if dataset == "fashion_mnist":
+        from torchvision.datasets import FashionMNIST
+
+        return list(FashionMNIST.classes)
+    return None
+
+
 # Every DIGITS_TEST_EVERY-th digit of each class (in file order) is held out for "test".
 DIGITS_TEST_EVERY = 10
 

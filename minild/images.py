@@ -1,9 +1,11 @@
-"""Sample grids: which class labels a grid shows, and writing ``[B, C, H, W]`` images as one PNG."""
+"""Sample grids: which classes or prompts a grid shows, and writing ``[B, C, H, W]`` images as one PNG."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+
+from minild.conditioning import DEFAULT_PROMPT_TEMPLATES, class_prompt_name, wants_text
 
 
 def grid_labels(pipe, num: int) -> list[int] | None:
@@ -12,8 +14,31 @@ def grid_labels(pipe, num: int) -> list[int] | None:
     return None if num_classes is None else [i % num_classes for i in range(num)]
 
 
+def grid_prompts(pipe, num: int) -> list[str] | None:
+    """For a text-conditioned model whose class names are known, cycle through one prompt per
+    class made with the config's first prompt template ("a handwritten digit seven", …)."""
+    if not wants_text(pipe.model) or pipe.text_encoder is None or not pipe.class_names:
+        return None
+    template = (pipe.config.data.prompt_templates or DEFAULT_PROMPT_TEMPLATES)[0]
+    names = pipe.class_names
+    return [
+        template.format(name=class_prompt_name(names[i % len(names)]), label=i % len(names)) for i in range(num)
+    ]
+
+
+def grid_conditions(pipe, num: int) -> dict:
+    """``generate`` keyword arguments for a grid of ``num`` images: class labels, prompts or nothing."""
+    labels = grid_labels(pipe, num)
+    if labels is not None:
+        return {"class_labels": labels}
+    prompts = grid_prompts(pipe, num)
+    return {"prompts": prompts} if prompts is not None else {}
+
+
 def grid_columns(pipe) -> int | None:
-    """One column per class, so every row of the grid reads 0, 1, …, 9 for digits."""
+    """One column per class (or per class prompt), so every row of a digit grid reads 0, 1, …, 9."""
+    if grid_prompts(pipe, 1) is not None:
+        return len(pipe.class_names)
     return getattr(pipe.model, "num_classes", None)
 
 

@@ -17,6 +17,7 @@ import torch
 from minild import plugins
 from minild.conditioning import guided_model_fn, wants_classes, wants_text
 from minild.config import PipelineConfig, StageSpec, load_config, parse_stage
+from minild.data import known_class_names
 from minild.io import load_weights, save_weights
 from minild.train import Trainer, TrainResult, resolve_device
 
@@ -41,6 +42,8 @@ class Pipeline:
             self.model = plugins.create("model", config.model.name, **config.model.params)
         self.model.eval()
         self.ema_model: torch.nn.Module | None = None
+        # Names of the classes the model was trained on (set by training; digit names for digit data).
+        self.class_names: list[str] | None = known_class_names(config.data.dataset)
         self.sampler = self._build_sampler(config.sampler)
         self.vae = _optional_stage("vae", config.vae)
         self.text_encoder = _optional_stage("text_encoder", config.text_encoder)

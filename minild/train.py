@@ -158,6 +158,8 @@ class Trainer:
         self.processes.check_batch_size(batches.batch_size)
         self.total_steps = _total_steps(config, self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config, self.total_steps))
+        if getattr(dataset, "class_names", None):
+            self.pipeline.class_names = list(dataset.class_names)
         if wants_classes(self.model):
             batches.check_labels(self.model.num_classes)
         conditioner = TrainingConditioner(

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from minild import checkpoint, hookimpl, plugins
-from minild.images import grid_columns, grid_labels, save_titled_grid
+from minild.images import grid_columns, grid_conditions, save_titled_grid
 from minild.io import atomic_write
 
 
@@ -250,7 +250,7 @@ class SampleGrid:
             return
         pipe = trainer.pipeline
         images = pipe.generate(
-            self.num_images, class_labels=grid_labels(pipe, self.num_images), guidance_scale=self.guidance_scale,
+            self.num_images, **grid_conditions(pipe, self.num_images), guidance_scale=self.guidance_scale,
             num_inference_steps=self.num_inference_steps, seed=self.seed, device=str(trainer.device),
         )
         trainer.model.train()  # generate() put it in eval mode

@@ -5,7 +5,9 @@ from __future__ import annotations
 import yaml
 from PIL import Image
 
+import minild
 from minild.cli import main
+from minild.images import grid_conditions
 from tests.conftest import tiny_config
 
 
@@ -38,4 +40,22 @@ def test_class_conditional_grid_has_one_column_per_class(tmp_path):
     config.write_text(yaml.safe_dump(tiny_config(model={"num_classes": 10})))
     run = tmp_path / "run"
     assert main(["train", str(config), "--out", str(run), "--max-steps", "1", "--grid", "20"]) == 0
+    assert Image.open(run / "samples.png").size == (10 * 30 + 2, 2 * 30 + 2)
+
+
+
+def test_text_conditioned_grid_prompts_one_digit_per_column(tmp_path, tiny_clip_dir, offline):
+    config = tiny_config(
+        model={"cross_attention_dim": 32},
+        text_encoder={"name": "clip", "pretrained": str(tiny_clip_dir), "max_length": 8},
+        data={"prompt_templates": ["a handwritten digit {name}", "{label}"]},
+    )
+    pipe = minild.Pipeline.from_config(config)
+    prompts = grid_conditions(pipe, 12)["prompts"]
+    assert prompts[:3] == ["a handwritten digit zero", "a handwritten digit one", "a handwritten digit two"]
+    assert prompts[10] == "a handwritten digit zero"
+    path = tmp_path / "text.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = tmp_path / "run"
+    assert main(["train", str(path), "--out", str(run), "--max-steps", "1", "--grid", "20"]) == 0
     assert Image.open(run / "samples.png").size == (10 * 30 + 2, 2 * 30 + 2)
