@@ -367,8 +367,8 @@ def _load_module(module: torch.nn.Module, state: dict[str, torch.Tensor], path: 
     expected = module.state_dict()
     if set(state) != set(expected) or any(state[key].shape != expected[key].shape for key in expected):
         raise CheckpointError(
-            f"{path} does not fit the configured {type(module).__name__}: was it saved from a run with "
-            "a different model config?"
+            f"{path} does not fit the configured {type(module).__name__}: the run was trained with another "
+            f"model config; resume with the config it was trained with (recorded in {path.parent / MANIFEST_NAME})"
         )
     module.load_state_dict(state)  # copies into the existing tensors, keeping their memory format
 
