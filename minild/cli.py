@@ -34,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(err: BaseException) -> str:
-    message = " ".join(str(err).split()) or type(err).__name__
-    return message if isinstance(err, (ValueError, UnavailableError)) else f"{type(err).__name__}: {message}"
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _parser() -> argparse.ArgumentParser:
