@@ -244,4 +244,7 @@ def _describe(expected: Any) -> str:
         return "null"
     if typing.get_origin(expected) is typing.Literal:
         return "one of " + ", ".join(repr(arg) for arg in typing.get_args(expected))
+    items = [arg for arg in typing.get_args(expected) if arg is not Ellipsis]
+    if typing.get_origin(expected) in (list, tuple, typing.Sequence) and items:
+        return f"a list of {_describe(items[0])}"
     return getattr(expected, "__name__", str(expected))
