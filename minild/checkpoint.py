@@ -157,6 +157,12 @@ def write_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, dict[str
         _write_synced(tmp / MANIFEST_NAME, json.dumps(manifest, indent=1, allow_nan=False).encode())
         _fsync_dir(tmp)
         _publish(tmp, final)
+    except OSError as err:  # a full disk, a quota, a lost mount: the earlier checkpoints are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise type(err)(
+            err.errno, f"cannot write the checkpoint {final.name} into {root} ({err.strerror or err}); its earlier "
+            f"checkpoints are intact: free space and continue with `minild train CONFIG --resume {Path(run_dir)}`",
+        ) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
