@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -178,10 +179,12 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: {MANIFEST_NAME} is missing") from None
     except (ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: {MANIFEST_NAME} is not valid JSON ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or "files" not in manifest:
+    if not _is_manifest(manifest):
         raise CheckpointError(f"{path}: not a minild checkpoint of format {FORMAT_VERSION}")
     tensors = {}
     for name, expected in manifest["files"].items():
+        if Path(name).name != name or not name.endswith(".safetensors"):
+            raise CheckpointError(f"{path}: {MANIFEST_NAME} lists {name!r}; a checkpoint holds only .safetensors files")
         try:
             data = (path / name).read_bytes()
         except FileNotFoundError:
@@ -190,8 +193,20 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             raise CheckpointError(
                 f"{path}: {name} is damaged ({len(data)} bytes, expected {expected['bytes']}, or its SHA-256 differs)"
             )
-        tensors[name.removesuffix(".safetensors")] = load_safetensors(data)
+        try:
+            tensors[name.removesuffix(".safetensors")] = load_safetensors(data)
+        except SafetensorError as err:
+            raise CheckpointError(f"{path}: {name} is not a safetensors file ({err})") from None
     return Checkpoint(path, tensors, manifest)
+
+
+def _is_manifest(manifest: Any) -> bool:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        return False
+    files = manifest.get("files")
+    return isinstance(files, dict) and all(
+        isinstance(entry, dict) and {"bytes", "sha256"} <= set(entry) for entry in files.values()
+    )
 
 
 def _write_synced(path: Path, data: bytes) -> None:
