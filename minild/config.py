@@ -192,9 +192,8 @@ def _build_dataclass(cls: type, raw: Any, where: str, key: str) -> Any:
 def _reject_unknown(raw: dict, known: dict, where: str, prefix: str) -> None:
     for name in raw:
         if name not in known:
-            raise ConfigError(
-                f"{where}: unknown key {prefix}{name}{plugins.did_you_mean(name, known)}; known keys: {', '.join(known)}"
-            )
+            hint = plugins.did_you_mean(name, known)
+            raise ConfigError(f"{where}: unknown key {prefix}{name}{hint}; known keys: {', '.join(known)}")
 
 
 def _hint(cls: type, name: str) -> Any:

@@ -156,7 +156,9 @@ class Pipeline:
             else:
                 source = f"the data gives {channels}-channel images (data.dataset {self.config.data.dataset!r})"
                 fix = f"set model.in_channels: {channels}, or data.channels: {in_channels} to convert the images"
-            raise ValueError(f"model {model_name!r} takes {in_channels}-channel inputs (model.in_channels) but {source}: {fix}")
+            raise ValueError(
+                f"model {model_name!r} takes {in_channels}-channel inputs (model.in_channels) but {source}: {fix}"
+            )
         # One zero sample through the model finds the sizes it cannot take, in milliseconds.
         device = next(self.model.parameters()).device
         x = torch.zeros(1, channels, height, width, device=device)  # [1, C, H, W]
