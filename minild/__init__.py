@@ -1,5 +1,6 @@
 """minild: a plugin-based mini latent-diffusion pipeline."""
 
+from minild.errors import UnavailableError
 from minild.hookspecs import hookimpl
 from minild.plugins import PluginError, available, create, register_plugin, unregister_plugin
 from minild.schedule import NoiseSchedule
@@ -10,6 +11,7 @@ __all__ = [
     "NoiseSchedule",
     "Pipeline",
     "PluginError",
+    "UnavailableError",
     "available",
     "create",
     "hookimpl",

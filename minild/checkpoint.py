@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -157,6 +158,12 @@ def write_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, dict[str
         _write_synced(tmp / MANIFEST_NAME, json.dumps(manifest, indent=1, allow_nan=False).encode())
         _fsync_dir(tmp)
         _publish(tmp, final)
+    except OSError as err:  # a full disk, a quota, a lost mount: the earlier checkpoints are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise type(err)(
+            err.errno, f"cannot write the checkpoint {final.name} into {root} ({err.strerror or err}); its earlier "
+            f"checkpoints are intact: free space and continue with `minild train CONFIG --resume {Path(run_dir)}`",
+        ) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -172,10 +179,12 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: {MANIFEST_NAME} is missing") from None
     except (ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: {MANIFEST_NAME} is not valid JSON ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION or "files" not in manifest:
+    if not _is_manifest(manifest):
         raise CheckpointError(f"{path}: not a minild checkpoint of format {FORMAT_VERSION}")
     tensors = {}
     for name, expected in manifest["files"].items():
+        if Path(name).name != name or not name.endswith(".safetensors"):
+            raise CheckpointError(f"{path}: {MANIFEST_NAME} lists {name!r}; a checkpoint holds only .safetensors files")
         try:
             data = (path / name).read_bytes()
         except FileNotFoundError:
@@ -184,8 +193,20 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             raise CheckpointError(
                 f"{path}: {name} is damaged ({len(data)} bytes, expected {expected['bytes']}, or its SHA-256 differs)"
             )
-        tensors[name.removesuffix(".safetensors")] = load_safetensors(data)
+        try:
+            tensors[name.removesuffix(".safetensors")] = load_safetensors(data)
+        except SafetensorError as err:
+            raise CheckpointError(f"{path}: {name} is not a safetensors file ({err})") from None
     return Checkpoint(path, tensors, manifest)
+
+
+def _is_manifest(manifest: Any) -> bool:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        return False
+    files = manifest.get("files")
+    return isinstance(files, dict) and all(
+        isinstance(entry, dict) and {"bytes", "sha256"} <= set(entry) for entry in files.values()
+    )
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -367,8 +388,8 @@ def _load_module(module: torch.nn.Module, state: dict[str, torch.Tensor], path: 
     expected = module.state_dict()
     if set(state) != set(expected) or any(state[key].shape != expected[key].shape for key in expected):
         raise CheckpointError(
-            f"{path} does not fit the configured {type(module).__name__}: was it saved from a run with "
-            "a different model config?"
+            f"{path} does not fit the configured {type(module).__name__}: the run was trained with another "
+            f"model config; resume with the config it was trained with (recorded in {path.parent / MANIFEST_NAME})"
         )
     module.load_state_dict(state)  # copies into the existing tensors, keeping their memory format
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from minild import plugins
+from minild.errors import UnavailableError
 from minild.images import grid_columns, grid_conditions, save_grid
 
 # Classifier-free guidance for class-conditional models, in diffusers' convention:
@@ -15,18 +16,30 @@ GUIDANCE_SCALE = 3.0
 GUIDANCE_HELP = "classifier-free guidance for class-conditional models: 1.0 = plain conditional, 0 = unconditional"
 
 
+# What a user can fix (a config, a path, a missing package, a full disk): printed as one line.
+# Anything else is a bug in minild or a plugin and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, UnavailableError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         return args.run(args) or 0
-    except (ValueError, FileNotFoundError, plugins.PluginError) as err:
-        print(f"minild: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"minild: error: {_one_line(err)} (run `minild --debug ...` for the traceback)", file=sys.stderr)
         return 2
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minild", description="A plugin-based mini latent-diffusion pipeline.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a pipeline from a YAML config and save it")

@@ -173,7 +173,8 @@ def check_params(factory: Any, params: dict[str, Any], where: str, key: str, *, 
             if accepts_any:
                 continue
             options = ", ".join(named) or "(none)"
-            raise ConfigError(f"{where}: unknown key {key}.{name}; {key} accepts: {options}")
+            hint = plugins.did_you_mean(name, named)
+            raise ConfigError(f"{where}: unknown key {key}.{name}{hint}; {key} accepts: {options}")
         expected = hints.get(name)
         if expected is None and named[name].default is not inspect.Parameter.empty and named[name].default is not None:
             expected = type(named[name].default)
@@ -191,7 +192,8 @@ def _build_dataclass(cls: type, raw: Any, where: str, key: str) -> Any:
 def _reject_unknown(raw: dict, known: dict, where: str, prefix: str) -> None:
     for name in raw:
         if name not in known:
-            raise ConfigError(f"{where}: unknown key {prefix}{name}; known keys: {', '.join(known)}")
+            hint = plugins.did_you_mean(name, known)
+            raise ConfigError(f"{where}: unknown key {prefix}{name}{hint}; known keys: {', '.join(known)}")
 
 
 def _hint(cls: type, name: str) -> Any:
@@ -241,4 +243,7 @@ def _describe(expected: Any) -> str:
         return "null"
     if typing.get_origin(expected) is typing.Literal:
         return "one of " + ", ".join(repr(arg) for arg in typing.get_args(expected))
+    items = [arg for arg in typing.get_args(expected) if arg is not Ellipsis]
+    if typing.get_origin(expected) in (list, tuple, typing.Sequence) and items:
+        return f"a list of {_describe(items[0])}"
     return getattr(expected, "__name__", str(expected))

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from minild.errors import UnavailableError
+
 DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "folder")
 SPLITS = ("train", "test", "all")
 
@@ -44,7 +46,7 @@ DIGITS_TEST_EVERY = 10
 DOWNLOAD_TIMEOUT_S = 20.0
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(UnavailableError):
     """The data is not on disk and could not be fetched; the message says how to get it."""
 
 

@@ -7,7 +7,27 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+
+class UnwritableDirectoryError(OSError):
+    """An output directory cannot be created or written to."""
+
+
+def check_writable_dir(path: str | Path, what: str = "output directory") -> None:
+    """Create ``path`` if needed and write (then delete) a file in it, so that a long run
+    fails at its start rather than when it saves its results."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UnwritableDirectoryError(
+            f"cannot write to the {what} {path} ({err.strerror or err}): choose another one "
+            "(e.g. --out DIR) or make it writable"
+        ) from err
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -37,8 +57,17 @@ def load_weights(module: torch.nn.Module, path: str | Path) -> None:
     """Load weights saved by ``save_weights``; every key must match (strict)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    state = load_file(str(path))
+        raise FileNotFoundError(
+            f"weights file {path} does not exist: point at the directory a pipeline was saved to, "
+            "or save it again with Pipeline.save_pretrained"
+        )
+    try:
+        state = load_file(str(path))
+    except SafetensorError as err:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({err}): it is truncated or damaged; "
+            "save the pipeline again or restore the file from a copy"
+        ) from None
     expected = module.state_dict()
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]

@@ -8,6 +8,7 @@ saved pipeline reloads to the same stages and weights.
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -68,6 +69,11 @@ class Pipeline:
         """Load a pipeline written by ``save_pretrained`` (safetensors weights, no pickle)."""
         directory = Path(directory)
         config_path = directory / CONFIG_NAME
+        if not directory.is_dir():
+            raise FileNotFoundError(
+                f"pipeline directory {directory} does not exist: give the directory written by "
+                "`minild train CONFIG --out DIR` or Pipeline.save_pretrained"
+            )
         if not config_path.is_file():
             raise FileNotFoundError(
                 f"{directory} is not a saved minild pipeline: {CONFIG_NAME} is missing "
@@ -129,9 +135,54 @@ class Pipeline:
             setattr(train_config, key, value)
         if dataset is None:
             dataset = self.load_dataset()
+        if len(dataset) == 0:
+            raise ValueError(
+                f"the training dataset is empty (data.dataset {self.config.data.dataset!r}, "
+                f"split {self.config.data.split!r}): point data at images to train on"
+            )
         if self.config.image_shape is None:
             self.config.image_shape = list(dataset.images.shape[1:] if hasattr(dataset, "images") else dataset[0][0].shape)
+        self.check_model_input()
         return Trainer(self, train_config, run_dir=run_dir, resume=resume).fit(dataset)
+
+    def check_model_input(self) -> None:
+        """Fail before any work, naming the config keys to change, when the model cannot
+        denoise ``image_shape``: another channel count than the data's (or the VAE's latents'),
+        a size it rejects, or an eps of another shape than its input."""
+        channels, height, width = self.image_shape
+        model_name = self.config.model.name
+        in_channels = _model_in_channels(self.config.model)
+        if in_channels is not None and in_channels != channels:
+            if self.vae is not None:
+                source = f"the vae {self.config.vae.name!r} gives {channels}-channel latents"
+                fix = f"set model.in_channels: {channels} (the VAE's latent channels)"
+            else:
+                source = f"the data gives {channels}-channel images (data.dataset {self.config.data.dataset!r})"
+                fix = f"set model.in_channels: {channels}, or data.channels: {in_channels} to convert the images"
+            raise ValueError(
+                f"model {model_name!r} takes {in_channels}-channel inputs (model.in_channels) but {source}: {fix}"
+            )
+        # One zero sample through the model finds the sizes it cannot take, in milliseconds.
+        device = next(self.model.parameters()).device
+        x = torch.zeros(1, channels, height, width, device=device)  # [1, C, H, W]
+        cond, _ = self._conditioning(self.model, None, None, 1, device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                eps = self.model(x, torch.zeros(1, dtype=torch.long, device=device), **cond)
+        except (ValueError, RuntimeError) as err:
+            raise ValueError(
+                f"model {model_name!r} cannot take {channels}×{height}×{width} inputs: {' '.join(str(err).split())}; "
+                "change data.image_size (or the model's levels)"
+            ) from err
+        finally:
+            self.model.train(was_training)
+        if eps.shape != x.shape:
+            raise ValueError(
+                f"model {model_name!r} returns eps of shape {list(eps.shape[1:])} for inputs of shape "
+                f"{[channels, height, width]}: set model.out_channels: {channels} (or leave it unset)"
+            )
 
     # -- generation -----------------------------------------------------------------
 
@@ -258,6 +309,14 @@ class Pipeline:
             cond["context"] = self.text_encoder.encode(prompts).to(device) if prompts is not None else empty
             uncond["context"] = empty
         return cond, uncond
+
+
+def _model_in_channels(spec: StageSpec) -> int | None:
+    """The ``in_channels`` a model is built with: its config value or the factory's default."""
+    if "in_channels" in spec.params:
+        return spec.params["in_channels"]
+    parameter = inspect.signature(plugins.lookup("model", spec.name).factory).parameters.get("in_channels")
+    return parameter.default if parameter is not None and isinstance(parameter.default, int) else None
 
 
 def _optional_stage(kind: str, spec: StageSpec | None):

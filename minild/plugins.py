@@ -7,6 +7,7 @@ third-party plugins load; set it to an empty string to load only the built-ins.
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import os
 import warnings
@@ -171,8 +172,14 @@ def lookup(kind: str, name: str) -> Registration:
     entries = registry(kind)
     if name not in entries:
         names = ", ".join(sorted(entries)) or "(none installed)"
-        raise PluginError(f"unknown {kind} {name!r}; available: {names}")
+        raise PluginError(f"unknown {kind} {name!r}{did_you_mean(name, entries)}; available: {names}")
     return entries[name]
+
+
+def did_you_mean(name: Any, options) -> str:
+    """`` (did you mean 'closest'?)`` for a misspelt ``name``, or ``""`` when no option is close."""
+    close = difflib.get_close_matches(str(name), [str(option) for option in options], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def create(kind: str, name: str, /, *args: Any, **params: Any) -> Any:

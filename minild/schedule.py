@@ -25,10 +25,19 @@ class NoiseSchedule:
         betas = torch.as_tensor(betas, dtype=torch.float32).detach().cpu()
         if betas.ndim != 1 or len(betas) == 0:
             raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
-        if not bool(((betas >= 0) & (betas < 1)).all()):
-            raise ValueError("betas must lie in [0, 1)")
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("betas must lie in (0, 1)")
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, dim=0)
+        # Samplers divide by √ᾱ_t and by 1 − ᾱ_t: ᾱ must stay in (0, 1) and strictly decrease.
+        if not bool(alphas_cumprod[-1] > 0):
+            first = int((alphas_cumprod <= 0).nonzero()[0])
+            raise ValueError(
+                f"ᾱ_t underflows to 0 at t = {first} of {len(betas)}: the betas are too large for that many "
+                "steps; lower beta_end (or the number of timesteps)"
+            )
+        if not bool((alphas_cumprod[1:] < alphas_cumprod[:-1]).all()) or not bool(alphas_cumprod[0] < 1):
+            raise ValueError("some betas are too small to change ᾱ_t in float32 (below ~1e-7): raise them")
         alphas_cumprod_prev = torch.cat([torch.ones(1), alphas_cumprod[:-1]])
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         return cls(betas, alphas, alphas_cumprod, alphas_cumprod_prev, posterior_variance)

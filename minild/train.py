@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from minild import checkpoint, plugins
 from minild.conditioning import TrainingConditioner, wants_classes
 from minild.config import TrainConfig, parse_stage
+from minild.io import check_writable_dir
 
 if TYPE_CHECKING:
     from minild.pipeline import Pipeline
@@ -71,6 +72,8 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.processes = _Processes(config.device)
         self.is_main_process = self.processes.is_main
+        if self.run_dir is not None and self.is_main_process:
+            check_writable_dir(self.run_dir, "run directory")
         self.device = self.processes.device or resolve_device(config.device)
         if config.precision == "fp16" and self.device.type != "cuda":
             raise ValueError(

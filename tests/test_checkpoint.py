@@ -1,8 +1,10 @@
 """Checkpoints: layout, atomic writes, damaged ones skipped, and exact resume (same losses,
-same final weights) after a stop mid-epoch, at an epoch's last step, or a SIGKILL mid-write."""
+same final weights) after a stop mid-epoch, at an epoch's last step, a SIGKILL mid-step or
+mid-write, or a disk that fills up during a write."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import signal
@@ -16,6 +18,7 @@ import yaml
 
 import minild
 from minild import checkpoint
+from minild import io as minild_io
 from minild.cli import main
 from tests.conftest import tiny_config
 from tests.test_train import tiny_dataset
@@ -89,6 +92,14 @@ def assert_same_run(resumed, uninterrupted, run_dir):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [record for record in records if record["event"] == "step"]  # none twice, none lost
     assert [(r["step"], r["loss"]) for r in steps] == list(zip(range(1, STEPS + 1), expected.losses))
+
+
+def assert_every_checkpoint_loads(run_dir):
+    """The run directory holds no checkpoint that fails to load."""
+    paths = checkpoint.list_checkpoints(run_dir)
+    for path in paths:
+        checkpoint.read_checkpoint(path)  # raises CheckpointError on a damaged one
+    return [path.name for path in paths]
 
 
 # Step 6 is mid-epoch (the 2nd of epoch 2's 4 steps); step 4 is epoch 1's last step, stopped
@@ -170,11 +181,11 @@ run({run_dir!r})
 
 def test_run_killed_during_a_checkpoint_write_resumes_from_the_last_complete_one(tmp_path, uninterrupted):
     script = KILLED_DURING_WRITE.format(repo=str(REPO), threads=torch.get_num_threads(), run_dir=str(tmp_path))
-    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert child.returncode == -signal.SIGKILL, child.stderr
     leftovers = [path.name for path in (tmp_path / "checkpoints").iterdir()]
     assert any(name.startswith(".tmp-step-000008") for name in leftovers)
-    assert [path.name for path in checkpoint.list_checkpoints(tmp_path)] == ["step-000004", "step-000006"]
+    assert assert_every_checkpoint_loads(tmp_path) == ["step-000004", "step-000006"]
 
     resumed = run(None, resume=tmp_path)
     assert resumed[1].resumed_from.name == "step-000006"
@@ -192,3 +203,93 @@ def test_cli_resume_continues_the_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"resumed from {run_dir / 'checkpoints' / 'step-000003'}" in out and "trained 5 steps" in out
     assert (run_dir / "model.safetensors").is_file()
+
+
+# The child trains with a checkpoint every 2 steps. In step 7, with the gradients computed but
+# not yet applied, it says so and waits; the parent then SIGKILLs it from outside.
+KILLED_MID_STEP = """
+import sys, time
+import torch
+sys.path.insert(0, {repo!r})
+torch.set_num_threads({threads})
+import minild
+from tests.test_checkpoint import run
+
+class PauseInStep7:
+    @minild.hookimpl
+    def minild_train_start(self, trainer):
+        optimizer_step = trainer.optimizer.step
+
+        def step(*args, **kwargs):
+            if trainer.step == 6:
+                print("in step 7", flush=True)
+                time.sleep(600)
+            return optimizer_step(*args, **kwargs)
+
+        trainer.optimizer.step = step
+
+minild.register_plugin(PauseInStep7(), name="pause-in-step-7")
+run({run_dir!r})
+"""
+
+
+def test_run_killed_in_the_middle_of_a_training_step_resumes_from_the_last_complete_checkpoint(tmp_path, uninterrupted):
+    script = KILLED_MID_STEP.format(repo=str(REPO), threads=torch.get_num_threads(), run_dir=str(tmp_path))
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=REPO)
+    try:
+        assert child.stdout.readline().strip() == "in step 7", child.stderr.read()
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        child.kill()
+        child.communicate()
+    assert assert_every_checkpoint_loads(tmp_path) == ["step-000004", "step-000006"]
+    assert not any(path.name.startswith(".") for path in (tmp_path / "checkpoints").iterdir())
+
+    resumed = run(None, resume=tmp_path)
+    assert resumed[1].resumed_from.name == "step-000006"
+    assert_same_run(resumed, uninterrupted, tmp_path)
+
+
+def test_disk_full_during_a_checkpoint_write_keeps_the_previous_ones_and_resume_works(tmp_path, uninterrupted,
+                                                                                      monkeypatch):
+    write = checkpoint._write_synced
+
+    def write_until_full(path, data):
+        if path.parent.name.startswith(".tmp-step-000008") and path.name == "optimizer.safetensors":
+            path.write_bytes(data[:100])  # what fitted before the disk filled up
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        write(path, data)
+
+    monkeypatch.setattr(checkpoint, "_write_synced", write_until_full)
+    with pytest.raises(OSError, match=r"cannot write the checkpoint step-000008 into .*No space left on device.*"
+                                      r"earlier checkpoints are intact: free space and continue with .*--resume") as err:
+        run(tmp_path)
+    assert err.value.errno == errno.ENOSPC
+    assert assert_every_checkpoint_loads(tmp_path) == ["step-000004", "step-000006"]
+    assert not any(path.name.startswith(".") for path in (tmp_path / "checkpoints").iterdir())
+
+    monkeypatch.setattr(checkpoint, "_write_synced", write)  # space freed
+    resumed = run(None, resume=tmp_path)
+    assert resumed[1].resumed_from.name == "step-000006"
+    assert_same_run(resumed, uninterrupted, tmp_path)
+
+
+def test_disk_full_while_saving_a_pipeline_keeps_the_previous_weights(tmp_path, monkeypatch):
+    old = minild.Pipeline.from_config(resume_config())
+    old.save_pretrained(tmp_path)
+    new = minild.Pipeline.from_config(resume_config())
+    torch.nn.init.zeros_(next(new.model.parameters()))  # other weights, to be saved over the old ones
+
+    def save_until_full(tensors, path):
+        Path(path).write_bytes(b"\0" * 64)
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(minild_io, "save_file", save_until_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        new.save_pretrained(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.yaml", "model.safetensors"]  # no temp files
+    reloaded = minild.Pipeline.from_pretrained(tmp_path)
+    for name, tensor in old.model.state_dict().items():
+        assert torch.equal(reloaded.model.state_dict()[name], tensor), name

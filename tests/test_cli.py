@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import pytest
 import yaml
 from PIL import Image
 
 import minild
 from minild.cli import main
+from minild.config import ConfigError
 from minild.images import grid_conditions
 from tests.conftest import tiny_config
 
@@ -32,7 +37,41 @@ def test_bad_config_is_reported_with_exit_code_2(tmp_path, capsys):
 
 def test_sample_from_a_missing_run_is_reported(tmp_path, capsys):
     assert main(["sample", str(tmp_path / "nothing")]) == 2
-    assert "config.yaml is missing" in capsys.readouterr().err
+    assert "pipeline directory" in capsys.readouterr().err
+
+
+def test_user_error_is_one_line_and_debug_raises_it(tmp_path, capsys):
+    config = tmp_path / "typo.yaml"
+    config.write_text(yaml.safe_dump({**tiny_config(), "shedule": {"name": "linear"}}))
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err
+    assert lines[0].startswith(f"minild: error: {config}: unknown key shedule (did you mean 'schedule'?)")
+    assert lines[0].endswith("(run `minild --debug ...` for the traceback)")
+    with pytest.raises(ConfigError, match="unknown key shedule"):
+        main(["--debug", "train", str(config), "--out", str(tmp_path / "run")])
+
+
+def test_unwritable_output_is_one_line_naming_the_directory(tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config()))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["train", str(config), "--out", str(blocker / "run"), "--max-steps", "1", "--grid", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot write to the run directory {blocker / 'run'}" in err
+
+
+def test_debug_flag_prints_the_traceback_from_the_command_line(tmp_path):
+    missing = str(tmp_path / "nothing")
+    plain = subprocess.run([sys.executable, "-m", "minild.cli", "sample", missing], capture_output=True, text=True)
+    debug = subprocess.run([sys.executable, "-m", "minild.cli", "--debug", "sample", missing],
+                           capture_output=True, text=True)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert plain.stderr.strip().startswith(f"minild: error: pipeline directory {missing} does not exist")
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1].startswith("FileNotFoundError: pipeline directory")
 
 
 def test_class_conditional_grid_has_one_column_per_class(tmp_path):

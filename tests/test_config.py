@@ -23,13 +23,14 @@ def test_shipped_configs_load():
 
 def test_unknown_top_level_key_names_key_and_file(tmp_path):
     path = write(tmp_path, {**tiny_config(), "shedule": {"name": "linear"}})
-    with pytest.raises(ConfigError, match=rf"{path}: unknown key shedule"):
+    with pytest.raises(ConfigError, match=rf"{path}: unknown key shedule \(did you mean 'schedule'\?\)"):
         load_config(path)
 
 
 def test_unknown_stage_param_names_key_and_lists_accepted(tmp_path):
     path = write(tmp_path, tiny_config(model={"base_chanels": 8}))
-    with pytest.raises(ConfigError, match=rf"{path}: unknown key model.base_chanels; model accepts: .*base_channels"):
+    suggestion = r"\(did you mean 'base_channels'\?\)"
+    with pytest.raises(ConfigError, match=rf"{path}: unknown key model.base_chanels {suggestion}; model accepts: .*base_channels"):
         load_config(path)
 
 
@@ -47,7 +48,8 @@ def test_wrong_type_in_train_section(tmp_path):
 
 def test_unknown_stage_name_lists_available(tmp_path):
     path = write(tmp_path, tiny_config(sampler={"name": "ddimm"}))
-    with pytest.raises(ConfigError, match=rf"{path}: sampler.name: unknown sampler 'ddimm'; available: .*ddim"):
+    suggestion = r"\(did you mean 'ddim'\?\)"
+    with pytest.raises(ConfigError, match=rf"{path}: sampler.name: unknown sampler 'ddimm' {suggestion}; available: .*ddim"):
         load_config(path)
 
 

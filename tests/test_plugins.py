@@ -158,3 +158,53 @@ def test_cli_plugins_lists_kind_name_plugin_and_package(external_plugin):
     assert ["sampler", "one_step", "one_step", "minild-one-step", "0.3"] in lines
     assert any(row[:3] == ["model", "simple_unet", "unets"] for row in lines)
     assert any(row[:2] == ["schedule", "cosine"] for row in lines)
+
+
+@pytest.fixture
+def plugin_raising_on_import(external_plugin):
+    """Beside the working one_step plugin, an installed plugin whose import raises."""
+    (external_plugin / "minild_boom.py").write_text('raise RuntimeError("minild_boom needs libfoo 2.0")\n')
+    dist_info = external_plugin / "minild_boom-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: minild-boom\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text("[minild]\nboom = minild_boom\n")
+    plugins.reset_plugin_manager()
+    yield external_plugin
+    sys.modules.pop("minild_boom", None)
+
+
+def test_plugin_raising_on_import_is_listed_as_broken_and_the_cli_still_works(plugin_raising_on_import):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_raising_on_import), os.environ.get("PYTHONPATH", "")])}
+    listing = subprocess.run([sys.executable, "-m", "minild.cli", "plugins"], capture_output=True, text=True, env=env)
+    assert listing.returncode == 0, listing.stderr
+    assert "broken plugin boom: minild-boom 1.0: RuntimeError: minild_boom needs libfoo 2.0" in listing.stdout
+    rows = [line.split() for line in listing.stdout.splitlines()]
+    assert ["sampler", "one_step", "one_step", "minild-one-step", "0.3"] in rows
+    assert any(row[:2] == ["model", "simple_unet"] for row in rows)
+
+
+def test_allow_list_keeps_an_unlisted_broken_plugin_from_being_imported(plugin_raising_on_import, monkeypatch):
+    monkeypatch.setenv("MINILD_PLUGINS", "one_step")
+    plugins.reset_plugin_manager()
+    assert "one_step" in minild.available("sampler")
+    assert "minild_boom" not in sys.modules and plugins.broken_plugins == {}
+
+
+def test_duplicate_name_from_an_installed_plugin_names_both_and_the_allow_list_fixes_it(external_plugin, monkeypatch):
+    (external_plugin / "minild_dupe.py").write_text(
+        "from minild import hookimpl\n\n@hookimpl\ndef register_samplers(register):\n    register('one_step', object)\n"
+    )
+    dist_info = external_plugin / "minild_dupe-2.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: minild-dupe\nVersion: 2.0\n")
+    (dist_info / "entry_points.txt").write_text("[minild]\ndupe = minild_dupe\n")
+    plugins.reset_plugin_manager()
+    try:
+        with pytest.raises(minild.PluginError, match=r"sampler 'one_step' is registered twice: by plugin '(one_step|dupe)' "
+                           r"and by plugin '(one_step|dupe)'; uninstall one of them or limit plugins with MINILD_PLUGINS"):
+            minild.available("sampler")
+        monkeypatch.setenv("MINILD_PLUGINS", "one_step")
+        plugins.reset_plugin_manager()
+        assert plugins.registry("sampler")["one_step"].plugin == "one_step"
+    finally:
+        sys.modules.pop("minild_dupe", None)
