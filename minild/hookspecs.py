@@ -2,6 +2,7 @@
 
 Hooks are called with keyword arguments only. An implementation may accept fewer
 arguments than the spec lists, so specs can grow without breaking plugins.
+``minild.testing`` checks a schedule, model or sampler plugin against this contract.
 """
 
 from __future__ import annotations

@@ -13,6 +13,16 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 import minild
 
 
+# Tiny versions of every built-in eps-model: a forward pass takes milliseconds.
+TINY_MODELS = {
+    "simple_unet": {"base_channels": 8, "channel_mults": [1, 2], "time_embedding_dim": 16, "norm_groups": 4},
+    "film_unet": {"base_channels": 8, "time_embedding_dim": 16, "norm_groups": 4},
+    "block_unet": {"down_channels": [8, 16, 16, 16], "up_channels": [16, 8, 8], "time_embedding_dim": 16},
+    "naive_unet": {"base_channels": 8, "norm_groups": 4},
+    "dummy_eps": {"channels": [8, 8]},
+}
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     torch.manual_seed(0)
@@ -34,6 +44,15 @@ def tiny_config(**overrides):
         else:
             config[key] = value
     return config
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and spinning threads stall when cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

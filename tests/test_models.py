@@ -12,28 +12,16 @@ from safetensors.torch import load_file, save_file
 import minild
 from minild.plugins import lookup
 from minild_plugins.unets.blocks import SinusoidalEmbedding, crop_to, pad_to_multiple
+from tests.conftest import TINY_MODELS
 
-# Tiny versions of every built-in model, so the whole file runs in seconds.
-TINY = {
-    "simple_unet": {"base_channels": 8, "channel_mults": [1, 2], "time_embedding_dim": 16, "norm_groups": 4},
-    "film_unet": {"base_channels": 8, "time_embedding_dim": 16, "norm_groups": 4},
-    "block_unet": {"down_channels": [8, 16, 16, 16], "up_channels": [16, 8, 8], "time_embedding_dim": 16},
-    "naive_unet": {"base_channels": 8, "norm_groups": 4},
-    "dummy_eps": {"channels": [8, 8]},
-}
+TINY = TINY_MODELS
 UNETS = [name for name in TINY if name != "dummy_eps"]
 NUM_CLASSES = 3
 CONTEXT_DIM = 12
 PLAIN_DATA = (int, float, bool, str, list, type(None))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and spinning threads stall when cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(name, seed=0, **params):

@@ -7,6 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 import minild
+from minild.testing import seeded, toy_eps
 
 T = 1000
 SHAPE = (2, 1, 4, 4)
@@ -21,12 +22,6 @@ SCHEDULES = {
         {"beta_schedule": "squaredcos_cap_v2"},
     ),
 }
-
-
-def toy_eps(x, t):
-    """A cheap deterministic eps-model: nonlinear in x, dependent on t, elementwise per sample."""
-    assert t.shape == (x.shape[0],) and t.dtype == torch.int64
-    return torch.tanh(0.5 * x) * (t.to(x.dtype) / 1000).view(-1, 1, 1, 1) + 0.1 * torch.sin(x)
 
 
 def our_schedule(case):
@@ -77,10 +72,6 @@ def diffusers_loop(scheduler, num_inference_steps, generator, **step_kwargs):
     for t in scheduler.timesteps:
         x = scheduler.step(toy_eps(x, t.repeat(SHAPE[0])), t, x, generator=generator, **step_kwargs).prev_sample
     return x
-
-
-def seeded(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 # --- Oracle: DDPM ---------------------------------------------------------------------------

@@ -178,7 +178,7 @@ class NaiveUnet(nn.Module):
             num_classes=self.num_classes,
             cross_attention_dim=self.cross_attention_dim,
         )
-        emb = self.timeembed(t.float() / self.num_train_timesteps)  # [B, 2b]
+        emb = self.timeembed(t.to(x.dtype) / self.num_train_timesteps)  # [B, 2b]
         if self.class_embedding is not None:
             emb = emb + self.class_embedding(class_labels, x.shape[0])
         emb = emb[:, :, None, None]  # [B, 2b, 1, 1]
