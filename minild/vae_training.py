@@ -152,7 +152,7 @@ def _fit_latent_scale(vae, images: torch.Tensor, seed: int) -> dict:
                          for chunk in images.split(EVALUATION_BATCH_SIZE)])  # [N, c, h, w]
     std = latents.std().item()
     vae.latent_scale = 1.0 / std
-    return {"latent_mean": round(latents.mean().item(), 5), "latent_std": round(std, 5),
+    return {"latent_mean": latents.mean().item(), "latent_std": std,
             "latent_scale": vae.latent_scale}
 
 
