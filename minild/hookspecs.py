@@ -84,10 +84,11 @@ def register_vaes(register):
     - ``latent_shape(image_shape (C, H, W)) -> (c, h, w)``, raising ``ValueError`` for
       images it cannot encode;
     - ``latent_channels``: c, which must equal the eps-model's ``in_channels``;
-    - optionally ``save_pretrained(directory)``: ``Pipeline.save_pretrained`` then writes the
-      VAE into ``RUN_DIR/vae/`` and records ``pretrained: vae`` (relative to the run
-      directory) in the saved config, so the factory must accept ``pretrained=`` a
-      directory written that way. Without it the saved config keeps the VAE's params.
+    - optionally ``save_pretrained(directory) -> params``: writes the VAE into ``directory``
+      and returns the factory params (plain data, including ``pretrained``) that rebuild it
+      from there. ``Pipeline.save_pretrained`` then saves the VAE into ``RUN_DIR/vae/`` and
+      records those params with ``pretrained: vae`` (relative to the run directory), so a
+      run directory is self-contained. Without it the saved config keeps the VAE's params.
 
     A VAE that ``minild train-vae`` can train also has ``training_losses(images,
     generator) -> (reconstruction_mse, kl)`` (scalar tensors; the loss is

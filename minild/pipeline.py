@@ -105,9 +105,9 @@ class Pipeline:
             (directory / EMA_WEIGHTS_NAME).unlink(missing_ok=True)
         config = self.config
         if self.vae is not None and hasattr(self.vae, "save_pretrained"):
-            self.vae.save_pretrained(directory / VAE_DIR_NAME)
+            params = self.vae.save_pretrained(directory / VAE_DIR_NAME)
             config = copy.deepcopy(config)
-            config.vae.params["pretrained"] = VAE_DIR_NAME
+            config.vae = StageSpec(config.vae.name, {**params, "pretrained": VAE_DIR_NAME})
         config.dump(directory / CONFIG_NAME)
 
     def _build_sampler(self, spec: StageSpec):

@@ -95,8 +95,11 @@ class AutoencoderKLStage(nn.Module):
         z = latents / self.scaling_factor + self.shift_factor
         return self.autoencoder.decode(z.to(self.autoencoder.dtype)).sample.float()  # [B, C, H, W]
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path) -> dict:
+        """Write the AutoencoderKL (diffusers' format); returns the params that reload it from there."""
         self.autoencoder.save_pretrained(directory)
+        return {"pretrained": str(directory), "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor,
+                "posterior": self.posterior, "device": str(self.autoencoder.device)}
 
 
 def _load_autoencoder_kl(pretrained: str, subfolder: str | None):
@@ -227,13 +230,15 @@ class DigitsVAE(nn.Module):
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
         return F.mse_loss(reconstruction, images), kl
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` (architecture + latent_scale) and ``model.safetensors``."""
+    def save_pretrained(self, directory: str | Path) -> dict:
+        """Write ``config.json`` (architecture + latent_scale) and ``model.safetensors``; returns the
+        params that reload this VAE from ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_weights(self, directory / DIGITS_VAE_WEIGHTS)
         config = {"vae": "digits_vae", **self.architecture, "latent_scale": self.latent_scale}
         atomic_write(directory / DIGITS_VAE_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+        return {"pretrained": str(directory), "posterior": self.posterior}
 
 
 def read_digits_vae_config(directory: str | Path) -> dict:

@@ -224,6 +224,23 @@ def test_latent_pipeline_saves_its_vae_and_reloads_to_identical_samples(tiny_dig
     assert torch.equal(reloaded.generate(**kwargs), pipe.generate(**kwargs))
 
 
+def test_autoencoder_kl_from_a_subfolder_round_trips_through_a_saved_pipeline(tiny_autoencoder_kl_dir, tmp_path,
+                                                                                offline):
+    shutil.copytree(tiny_autoencoder_kl_dir, tmp_path / "checkout" / "vae")  # like a Stable Diffusion checkout
+    vae = {"name": "autoencoder_kl", "pretrained": str(tmp_path / "checkout"), "subfolder": "vae"}
+    pipe = minild.Pipeline.from_config(tiny_config(vae=vae, model={"in_channels": 4, "channel_mults": [1, 2]}))
+    pipe.train(max_steps=1)
+    assert pipe.image_shape == (4, 14, 14)
+    pipe.save_pretrained(tmp_path / "run")
+    shutil.rmtree(tmp_path / "checkout")
+    reloaded = minild.Pipeline.from_pretrained(tmp_path / "run")
+    assert "subfolder" not in reloaded.config.vae.params and reloaded.vae.scaling_factor == 0.25
+    kwargs = dict(num_images=2, num_inference_steps=2, seed=0)
+    images = reloaded.generate(**kwargs)
+    assert images.shape == (2, 1, 28, 28)
+    assert torch.equal(images, pipe.generate(**kwargs))
+
+
 def test_model_in_channels_must_match_the_vae_latent_channels(tiny_digits_vae_dir):
     config = latent_config(tiny_digits_vae_dir, in_channels=1)
     with pytest.raises(ValueError, match="4-channel latents but the model 'simple_unet' has in_channels=1: "
