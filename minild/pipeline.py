@@ -314,6 +314,11 @@ def _optional_stage(kind: str, spec: StageSpec | None):
 
 def _check_latent_channels(config: PipelineConfig, vae) -> None:
     """The eps-model denoises the VAE's latents, so its in_channels must be the latent channels."""
+    if not isinstance(getattr(vae, "latent_channels", None), int):
+        raise plugins.PluginError(
+            f"vae {config.vae.name!r} has no integer latent_channels attribute, which minild.hookspecs."
+            "register_vaes asks of every VAE: fix the plugin that registers it"
+        )
     in_channels = config.model.params.get("in_channels")
     if in_channels is None:
         factory = plugins.lookup("model", config.model.name).factory
