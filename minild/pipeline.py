@@ -157,13 +157,13 @@ class Pipeline:
 
         Training sees these latents every epoch. With the VAE's ``posterior: mode`` (the default)
         they are the posterior means; with ``posterior: sample`` one draw per image (from ``seed``),
-        fixed for the run. The result is kept, so training again on the same dataset object
-        does not encode it again.
+        fixed for the run. The result is kept, so training again on the same dataset object (or on
+        the returned latents) does not encode it again.
         """
         from minild.data import ImageTensorDataset
 
-        if self._encoded is not None and self._encoded[0] is dataset:
-            return self._encoded[1]
+        if self._encoded is not None and any(dataset is known for known in self._encoded):
+            return self._encoded[1]  # encoded before, or already the latents
         vae_device = _module_device(self.vae)
         generator = torch.Generator().manual_seed(seed)
         latents, labels = [], []

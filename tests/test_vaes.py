@@ -205,6 +205,7 @@ def test_the_dataset_is_encoded_once_with_the_posterior_mode(tiny_digits_vae_dir
     dataset = pipe.load_dataset()
     encoded = pipe.encode_dataset(dataset)
     assert pipe.encode_dataset(dataset) is encoded
+    assert pipe.encode_dataset(encoded) is encoded  # train(encoded) does not encode twice
     torch.testing.assert_close(encoded.images[:6], pipe.vae.encode(dataset.images[:6]))
     assert torch.equal(encoded.labels, dataset.labels)
 
