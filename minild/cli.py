@@ -54,6 +54,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE, help=GUIDANCE_HELP)
     train.set_defaults(run=_train)
 
+    train_vae = commands.add_parser("train-vae", help="train a VAE stage for latent diffusion and save it")
+    train_vae.add_argument("config", help="YAML config with vae, data and train sections (see configs/digits_vae.yaml)")
+    train_vae.add_argument("--out", default=None, help="directory to save the VAE into (default: runs/<config name>)")
+    train_vae.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
+    train_vae.add_argument("--max-minutes", type=float, default=None, help="stop after M minutes of training")
+    train_vae.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default: from the config)")
+    train_vae.set_defaults(run=_train_vae)
+
     sample = commands.add_parser("sample", help="sample a grid of images from a saved run")
     sample.add_argument("run_dir", help="directory written by `minild train` or Pipeline.save_pretrained")
     sample.add_argument("--num", type=int, default=100, help="number of images")
@@ -123,6 +131,28 @@ def _train(args) -> int:
         images = pipe.generate(args.grid, **conditions, guidance_scale=args.guidance_scale, seed=0)
         save_grid(images, path, nrow=grid_columns(pipe))
         print(f"wrote {path}")
+    return 0
+
+
+def _train_vae(args) -> int:
+    from minild.config import load_vae_training_config
+    from minild.vae_training import METRICS_NAME, RECONSTRUCTIONS_NAME, train_vae
+
+    config = load_vae_training_config(args.config)
+    for key in ("max_steps", "max_minutes", "device"):
+        if getattr(args, key) is not None:
+            setattr(config.train, key, getattr(args, key))
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    result = train_vae(config, out, log=print)
+    metrics = result.metrics
+    print(
+        f"trained {result.steps} steps ({result.epochs_completed} epochs) in {result.seconds:.0f}s, stopped by "
+        f"{result.reason}; latent std {metrics['latent_std']:.4f} → latent_scale {metrics['latent_scale']:.4f}"
+    )
+    print(f"reconstruction MSE (images in [-1, 1]): train {metrics['reconstruction_mse_train']:.5f}"
+          + (f", test {metrics['reconstruction_mse_test']:.5f}" if "reconstruction_mse_test" in metrics else ""))
+    print(f"saved the VAE to {out}; wrote {out / RECONSTRUCTIONS_NAME} (originals above, reconstructions below) "
+          f"and {out / METRICS_NAME}")
     return 0
 
 

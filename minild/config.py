@@ -93,11 +93,45 @@ class PipelineConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+@dataclass
+class VAETrainConfig:
+    batch_size: int = 64
+    lr: float = 1e-3
+    kl_weight: float = 1e-3  # loss = reconstruction MSE + kl_weight · KL, both means per element
+    grad_clip: float | None = 1.0
+    max_steps: int | None = None
+    epochs: int | None = None
+    max_minutes: float | None = None
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class VAETrainingConfig:
+    """What ``minild train-vae`` reads: the VAE to train, its data and the optimisation."""
+
+    vae: StageSpec
+    data: DataConfig = field(default_factory=DataConfig)
+    train: VAETrainConfig = field(default_factory=VAETrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"vae": self.vae.to_dict(), "data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train)}
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
 STAGE_KINDS = {"schedule": "schedule", "model": "model", "sampler": "sampler", "vae": "vae", "text_encoder": "text_encoder"}
 
 
 def load_config(source: str | Path | dict[str, Any]) -> PipelineConfig:
     """Read and validate a pipeline config from a YAML path or a dict."""
+    where, raw = _read(source)
+    return _build_pipeline_config(raw, where)
+
+
+def _read(source: str | Path | dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(where, the raw mapping of sections) from a YAML path or a dict."""
     if isinstance(source, dict):
         where, raw = "<dict>", source
     else:
@@ -110,7 +144,20 @@ def load_config(source: str | Path | dict[str, Any]) -> PipelineConfig:
             raise ConfigError(f"{where}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the config must be a mapping of sections, got {type(raw).__name__}")
-    return _build_pipeline_config(raw, where)
+    return where, raw
+
+
+def load_vae_training_config(source: str | Path | dict[str, Any]) -> VAETrainingConfig:
+    """Read and validate a ``minild train-vae`` config (sections vae, data, train)."""
+    where, raw = _read(source)
+    _reject_unknown(raw, {f.name: f for f in dataclasses.fields(VAETrainingConfig)}, where, prefix="")
+    if raw.get("vae") is None:
+        raise ConfigError(f"{where}: missing section 'vae' (e.g. vae: {{name: digits_vae, latent_channels: 4}})")
+    return VAETrainingConfig(
+        vae=parse_stage("vae", raw["vae"], where, "vae"),
+        data=_build_dataclass(DataConfig, raw.get("data") or {}, where, "data"),
+        train=_build_dataclass(VAETrainConfig, raw.get("train") or {}, where, "train"),
+    )
 
 
 def _build_pipeline_config(raw: dict[str, Any], where: str) -> PipelineConfig:

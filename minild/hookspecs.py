@@ -74,9 +74,26 @@ def register_samplers(register):
 def register_vaes(register):
     """Register autoencoders for latent diffusion.
 
-    ``register(name, factory)`` where ``factory(**params)`` returns a module with
-    ``encode(images [B, C, H, W] in [-1, 1]) -> latents [B, c, h, w]`` and
-    ``decode(latents) -> images``, plus ``latent_shape(image_shape) -> (c, h, w)``.
+    ``register(name, factory)`` where ``factory(**params)`` returns a ``torch.nn.Module``
+    (frozen while the eps-model trains) with
+
+    - ``encode(images, generator=None) -> latents``: images ``[B, C, H, W]`` float in
+      [-1, 1] → latents ``[B, c, h, w]`` already multiplied by the VAE's latent scale
+      (Stable Diffusion's ``scaling_factor``), so they have roughly unit variance;
+      ``generator`` (a ``torch.Generator``) for VAEs that sample the posterior;
+    - ``decode(latents [B, c, h, w]) -> images [B, C, H, W]`` in about [-1, 1];
+    - ``latent_shape(image_shape (C, H, W)) -> (c, h, w)``, raising ``ValueError`` for
+      images it cannot encode;
+    - ``latent_channels``: c, which must equal the eps-model's ``in_channels``;
+    - optionally ``save_pretrained(directory) -> params``: writes the VAE into ``directory``
+      and returns the factory params (plain data, including ``pretrained``) that rebuild it
+      from there. ``Pipeline.save_pretrained`` then saves the VAE into ``RUN_DIR/vae/`` and
+      records those params with ``pretrained: vae`` (relative to the run directory), so a
+      run directory is self-contained. Without it the saved config keeps the VAE's params.
+
+    A VAE that ``minild train-vae`` can train also has ``training_losses(images,
+    generator) -> (reconstruction_mse, kl)`` (scalar tensors; the loss is
+    ``reconstruction_mse + train.kl_weight · kl``) and a settable float ``latent_scale``.
     """
 
 

@@ -25,6 +25,8 @@ from minild.train import Trainer, TrainResult, resolve_device
 CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
 EMA_WEIGHTS_NAME = "ema.safetensors"
+VAE_DIR_NAME = "vae"  # a saved pipeline's copy of its VAE, if the VAE can save itself
+ENCODE_BATCH_SIZE = 256  # images per VAE forward when the dataset is encoded for training
 
 
 class Pipeline:
@@ -47,6 +49,10 @@ class Pipeline:
         self.class_names: list[str] | None = known_class_names(config.data.dataset)
         self.sampler = self._build_sampler(config.sampler)
         self.vae = _optional_stage("vae", config.vae)
+        if self.vae is not None:
+            self.vae.eval().requires_grad_(False)
+            _check_latent_channels(config, self.vae)
+        self._encoded: tuple[Any, Any] | None = None  # (dataset, its latents): train() encodes once
         self.text_encoder = _optional_stage("text_encoder", config.text_encoder)
         if wants_text(self.model) and self.text_encoder is not None:
             if self.text_encoder.embedding_dim != self.model.cross_attention_dim:
@@ -79,7 +85,13 @@ class Pipeline:
                 f"{directory} is not a saved minild pipeline: {CONFIG_NAME} is missing "
                 "(save one with Pipeline.save_pretrained or `minild train CONFIG --out DIR`)"
             )
-        pipe = cls(load_config(config_path))
+        config = load_config(config_path)
+        if config.vae is not None and isinstance(config.vae.params.get("pretrained"), str):
+            # A VAE saved with the pipeline is recorded relative to the pipeline's directory.
+            local = directory / config.vae.params["pretrained"]
+            if not Path(config.vae.params["pretrained"]).is_absolute() and local.is_dir():
+                config.vae.params["pretrained"] = str(local)
+        pipe = cls(config)
         load_weights(pipe.model, directory / WEIGHTS_NAME)
         if (directory / EMA_WEIGHTS_NAME).is_file():
             pipe.ema_model = copy.deepcopy(pipe.model)
@@ -88,7 +100,8 @@ class Pipeline:
         return pipe
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.yaml``, ``model.safetensors`` and (if any) ``ema.safetensors``."""
+        """Write ``config.yaml``, ``model.safetensors``, (if any) ``ema.safetensors`` and, for a VAE
+        that can save itself, its copy in ``vae/``, so the directory is all ``from_pretrained`` needs."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.config.image_shape is None:
@@ -98,7 +111,12 @@ class Pipeline:
             save_weights(self.ema_model, directory / EMA_WEIGHTS_NAME)
         else:
             (directory / EMA_WEIGHTS_NAME).unlink(missing_ok=True)
-        self.config.dump(directory / CONFIG_NAME)
+        config = self.config
+        if self.vae is not None and hasattr(self.vae, "save_pretrained"):
+            params = self.vae.save_pretrained(directory / VAE_DIR_NAME)
+            config = copy.deepcopy(config)
+            config.vae = StageSpec(config.vae.name, {**params, "pretrained": VAE_DIR_NAME})
+        config.dump(directory / CONFIG_NAME)
 
     def _build_sampler(self, spec: StageSpec):
         return plugins.create("sampler", spec.name, self.schedule, **spec.params)
@@ -140,6 +158,8 @@ class Pipeline:
                 f"the training dataset is empty (data.dataset {self.config.data.dataset!r}, "
                 f"split {self.config.data.split!r}): point data at images to train on"
             )
+        if self.vae is not None:
+            dataset = self.encode_dataset(dataset, seed=train_config.seed)
         if self.config.image_shape is None:
             self.config.image_shape = list(dataset.images.shape[1:] if hasattr(dataset, "images") else dataset[0][0].shape)
         self.check_model_input()
@@ -183,6 +203,36 @@ class Pipeline:
                 f"model {model_name!r} returns eps of shape {list(eps.shape[1:])} for inputs of shape "
                 f"{[channels, height, width]}: set model.out_channels: {channels} (or leave it unset)"
             )
+
+    @torch.no_grad()
+    def encode_dataset(self, dataset, *, seed: int = 0):
+        """The dataset's images through the VAE, once: an in-memory dataset of ``(latent, label)``.
+
+        Training sees these latents every epoch. With the VAE's ``posterior: mode`` (the default)
+        they are the posterior means; with ``posterior: sample`` one draw per image (from ``seed``),
+        fixed for the run. The result is kept, so training again on the same dataset object (or on
+        the returned latents) does not encode it again.
+        """
+        from minild.data import ImageTensorDataset
+
+        if self._encoded is not None and any(dataset is known for known in self._encoded):
+            return self._encoded[1]  # encoded before, or already the latents
+        vae_device = _module_device(self.vae)
+        generator = torch.Generator().manual_seed(seed)
+        latents, labels = [], []
+        for images, batch_labels in _image_batches(dataset, ENCODE_BATCH_SIZE):
+            expected = tuple(self.vae.latent_shape(tuple(images.shape[1:])))  # raises for images it cannot take
+            batch = self.vae.encode(images.to(vae_device), generator=generator).float().cpu()  # [B, c, h, w]
+            if tuple(batch.shape[1:]) != expected:
+                raise ValueError(
+                    f"vae {self.config.vae.name!r} encoded {tuple(images.shape[1:])} images to "
+                    f"{tuple(batch.shape[1:])} latents but its latent_shape() says {expected}"
+                )
+            latents.append(batch)
+            labels.append(torch.as_tensor(batch_labels, dtype=torch.long))
+        encoded = ImageTensorDataset(torch.cat(latents), torch.cat(labels), getattr(dataset, "class_names", None))
+        self._encoded = (dataset, encoded)
+        return encoded
 
     # -- generation -----------------------------------------------------------------
 
@@ -256,7 +306,7 @@ class Pipeline:
             latents=latents.to(run_device), callback=callback,
         )
         if self.vae is not None:
-            samples = self.vae.decode(samples)
+            samples = self.vae.decode(samples.to(_module_device(self.vae)))
         images = ((samples.float().cpu() + 1) / 2).clamp(0, 1)
         return _convert(images, output_type)
 
@@ -321,6 +371,45 @@ def _model_in_channels(spec: StageSpec) -> int | None:
 
 def _optional_stage(kind: str, spec: StageSpec | None):
     return None if spec is None else plugins.create(kind, spec.name, **spec.params)
+
+
+def _check_latent_channels(config: PipelineConfig, vae) -> None:
+    """The eps-model denoises the VAE's latents, so its in_channels must be the latent channels."""
+    if not isinstance(getattr(vae, "latent_channels", None), int):
+        raise plugins.PluginError(
+            f"vae {config.vae.name!r} has no integer latent_channels attribute, which minild.hookspecs."
+            "register_vaes asks of every VAE: fix the plugin that registers it"
+        )
+    in_channels = config.model.params.get("in_channels")
+    if in_channels is None:
+        factory = plugins.lookup("model", config.model.name).factory
+        parameter = inspect.signature(factory).parameters.get("in_channels")
+        in_channels = None if parameter is None else parameter.default
+    if in_channels != vae.latent_channels:
+        raise ValueError(
+            f"vae {config.vae.name!r} makes {vae.latent_channels}-channel latents but the model "
+            f"{config.model.name!r} has in_channels={in_channels}: set model.in_channels: {vae.latent_channels} "
+            "in the config (the eps-model denoises latents, not images)"
+        )
+    if config.image_shape is not None and config.image_shape[0] != vae.latent_channels:
+        raise ValueError(
+            f"image_shape {config.image_shape} has {config.image_shape[0]} channels but vae {config.vae.name!r} "
+            f"makes {vae.latent_channels}-channel latents: remove image_shape from the config to take it from the VAE"
+        )
+
+
+def _module_device(module) -> torch.device:
+    parameter = next(iter(module.parameters()), None) if isinstance(module, torch.nn.Module) else None
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _image_batches(dataset, batch_size: int):
+    """``(images [B, C, H, W], labels [B])`` over the whole dataset in order."""
+    if hasattr(dataset, "images") and hasattr(dataset, "labels"):
+        for start in range(0, len(dataset), batch_size):
+            yield dataset.images[start : start + batch_size], dataset.labels[start : start + batch_size]
+        return
+    yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
 def _randn(shape, generator) -> torch.Tensor:
