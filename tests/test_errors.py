@@ -98,7 +98,9 @@ def test_data_channels_that_differ_from_the_model_name_both_keys():
 
 
 def test_vae_latent_channels_that_differ_from_the_model_name_the_vae():
-    class FourChannelLatents:
+    class FourChannelLatents(torch.nn.Module):
+        latent_channels = 4
+
         def latent_shape(self, image_shape):
             return (4, image_shape[1] // 4, image_shape[2] // 4)
 
@@ -109,9 +111,12 @@ def test_vae_latent_channels_that_differ_from_the_model_name_the_vae():
 
     name = minild.register_plugin(LatentPlugin(), name="test-latent-vae")
     try:
-        pipe = minild.Pipeline.from_config(tiny_config(vae={"name": "test_latents"}))
-        with pytest.raises(ValueError, match=r"the vae 'test_latents' gives 4-channel latents: set model.in_channels: 4"):
-            pipe.check_model_input()
+        with pytest.raises(
+            ValueError,
+            match=r"vae 'test_latents' makes 4-channel latents but the model 'simple_unet' has in_channels=1: "
+                  r"set model.in_channels: 4",
+        ):
+            minild.Pipeline.from_config(tiny_config(vae={"name": "test_latents"}))
     finally:
         minild.unregister_plugin(name)
 

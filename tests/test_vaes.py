@@ -193,7 +193,8 @@ def test_latent_pipeline_trains_on_latents_and_generates_images_of_the_data_shap
     seen = []
     pipe.model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
     result = pipe.train(max_steps=2)
-    assert result.steps == 2 and seen == [(16, 4, 7, 7)] * 2
+    # One zero latent checks the model's input before training, then two batches of 16.
+    assert result.steps == 2 and seen == [(1, 4, 7, 7)] + [(16, 4, 7, 7)] * 2
     assert pipe.image_shape == (4, 7, 7)
     images = pipe.generate(class_labels=[3, 7], guidance_scale=3.0, num_inference_steps=3, seed=0)
     assert images.shape == (2, 1, 28, 28)
