@@ -171,8 +171,8 @@ class ModelConformance(_Conformance):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             params = {**self.params, **extra}
-            if "in_channels" not in params:
-                params["in_channels"] = self.image_shape[0]
+            if "in_channels" in inspect.signature(self.registration().factory).parameters:
+                params.setdefault("in_channels", self.image_shape[0])
             return minild.create("model", self.name, **params).eval()
 
     def inputs(self, batch_size: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

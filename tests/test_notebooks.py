@@ -30,7 +30,6 @@ def quick_kernel(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("MINILD_CACHE", str(tmp_path / "cache"))  # the digit classifier trains here
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models; threads only fight over busy cores
-    monkeypatch.setenv("MPLBACKEND", "agg")
     return KERNEL_NAME
 
 
