@@ -70,9 +70,14 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
     """
     allow = os.environ.get("MINILD_PLUGINS")
     allowed = None if allow is None else {name.strip() for name in allow.split(",") if name.strip()}
+    seen: set[str] = set()
     for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name in seen:  # shadowed by an installation earlier on sys.path, which imports win too
+            continue
+        seen.add(name)
         package = f"{dist.metadata['Name']} {dist.version}"
-        builtin = (dist.metadata["Name"] or "").lower() == "minild"
+        builtin = name == "minild"
         for entry_point in dist.entry_points.select(group=ENTRY_POINT_GROUP):
             if pm.get_plugin(entry_point.name) is not None or entry_point.name in broken_plugins:
                 continue  # the same distribution seen twice on sys.path

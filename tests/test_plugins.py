@@ -187,7 +187,7 @@ def test_allow_list_keeps_an_unlisted_broken_plugin_from_being_imported(plugin_r
     monkeypatch.setenv("MINILD_PLUGINS", "one_step")
     plugins.reset_plugin_manager()
     assert "one_step" in minild.available("sampler")
-    assert "minild_boom" not in sys.modules and plugins.broken_plugins == {}
+    assert "minild_boom" not in sys.modules and "boom" not in plugins.broken_plugins
 
 
 def test_duplicate_name_from_an_installed_plugin_names_both_and_the_allow_list_fixes_it(external_plugin, monkeypatch):
@@ -208,3 +208,16 @@ def test_duplicate_name_from_an_installed_plugin_names_both_and_the_allow_list_f
         assert plugins.registry("sampler")["one_step"].plugin == "one_step"
     finally:
         sys.modules.pop("minild_dupe", None)
+
+
+def test_a_shadowed_older_installation_of_a_plugin_package_is_ignored(external_plugin, tmp_path_factory, monkeypatch):
+    stale = tmp_path_factory.mktemp("stale-site-packages")
+    dist_info = stale / "minild_one_step-0.2.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: minild-one-step\nVersion: 0.2\n")
+    (dist_info / "entry_points.txt").write_text("[minild]\none_step = minild_one_step\nold_extra = minild_gone\n")
+    monkeypatch.syspath_prepend(str(stale))
+    monkeypatch.syspath_prepend(str(external_plugin))  # the current installation comes first, as pip leaves it
+    plugins.reset_plugin_manager()
+    assert plugins.registry("sampler")["one_step"].package == "minild-one-step 0.3"
+    assert "old_extra" not in plugins.broken_plugins

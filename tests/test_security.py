@@ -105,7 +105,7 @@ def write_pickle(path: Path, marker: Path) -> None:
 PICKLE_NAMES = ["pytorch_model.bin", "model.pt", "model.pth", "model.ckpt", "ema.pkl", "diffusion_pytorch_model.bin"]
 
 
-def test_pickles_in_a_saved_pipeline_or_run_dir_are_never_loaded(tmp_path, capsys):
+def test_pickles_in_a_saved_pipeline_or_run_dir_are_never_loaded(tmp_path):
     marker = tmp_path / "code-ran"
     run_dir = tmp_path / "run"
     hooks = {"hooks": [{"name": "checkpoint", "every_steps": 1}]}
