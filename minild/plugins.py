@@ -79,9 +79,16 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         package = f"{dist.metadata['Name']} {dist.version}"
         builtin = name == "minild"
         for entry_point in dist.entry_points.select(group=ENTRY_POINT_GROUP):
-            if pm.get_plugin(entry_point.name) is not None or entry_point.name in broken_plugins:
-                continue  # the same distribution seen twice on sys.path
             if allowed is not None and not builtin and entry_point.name not in allowed:
+                continue
+            if pm.get_plugin(entry_point.name) is not None or entry_point.name in broken_plugins:
+                owner = _packages.get(entry_point.name) or broken_plugins[entry_point.name].split(":", 1)[0]
+                reason = f"its entry-point name {entry_point.name!r} is already taken by {owner}"
+                broken_plugins[f"{entry_point.name} ({package})"] = f"{package}: {reason}"
+                warnings.warn(
+                    f"minild plugin {entry_point.name!r} ({package}) was not loaded: {reason}; "
+                    "uninstall one of the two or rename the entry point", stacklevel=2,
+                )
                 continue
             try:
                 plugin = entry_point.load()

@@ -221,3 +221,20 @@ def test_a_shadowed_older_installation_of_a_plugin_package_is_ignored(external_p
     plugins.reset_plugin_manager()
     assert plugins.registry("sampler")["one_step"].package == "minild-one-step 0.3"
     assert "old_extra" not in plugins.broken_plugins
+
+
+def test_two_packages_with_the_same_entry_point_name_report_the_second_as_broken(external_plugin):
+    (external_plugin / "minild_other.py").write_text("")
+    dist_info = external_plugin / "minild_other-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: minild-other\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text("[minild]\none_step = minild_other\n")
+    plugins.reset_plugin_manager()
+    with pytest.warns(UserWarning, match="entry-point name 'one_step' is already taken by minild-"):
+        minild.available("sampler")
+    packages = {"minild-one-step 0.3", "minild-other 1.0"}
+    loaded = plugins._packages["one_step"]  # whichever of the two sys.path lists first
+    [(name, reason)] = [(n, r) for n, r in plugins.broken_plugins.items() if n.startswith("one_step (")]
+    [skipped] = packages - {loaded}
+    assert name == f"one_step ({skipped})"
+    assert reason == f"{skipped}: its entry-point name 'one_step' is already taken by {loaded}"
