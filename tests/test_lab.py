@@ -178,21 +178,40 @@ def test_diffusers_schedulers_run_by_name(tiny_sdxl_dir, scheduler):
                                                "dpm++2m": "DPMSolverMultistepScheduler"}[scheduler]
 
 
-def test_refiner_finishes_what_the_base_model_started(tiny_sdxl_dir, tmp_path):
-    from diffusers import StableDiffusionXLImg2ImgPipeline
+@pytest.fixture(scope="module")
+def tiny_refiner_dir(tiny_sdxl_dir, tmp_path_factory):
+    """SDXL's refiner layout: no first text encoder, the base's second encoder and VAE, and a UNet that
+    attends to the second encoder alone (32-d) with an aesthetic score among its 5 time ids (5 × 8 + 32)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
 
     base = load_sdxl(tiny_sdxl_dir)
-    refiner_dir = tmp_path / "refiner"
-    # SDXL's refiner layout: no first text encoder, the base's second encoder and VAE.
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel.from_config(base.unet.config, cross_attention_dim=32,
+                                            projection_class_embeddings_input_dim=72)
+    directory = tmp_path_factory.mktemp("tiny_refiner")
     StableDiffusionXLImg2ImgPipeline(
         vae=base.vae, text_encoder=None, text_encoder_2=base.text_encoder_2, tokenizer=None,
-        tokenizer_2=base.tokenizer_2, unet=base.unet, scheduler=base.scheduler, requires_aesthetics_score=False,
-    ).save_pretrained(refiner_dir)
-    common = dict(seeds=[0], guidance_scales=[5.0], num_inference_steps=4, pipe=base)
+        tokenizer_2=base.tokenizer_2, unet=unet, scheduler=base.scheduler, requires_aesthetics_score=True,
+    ).save_pretrained(directory)
+    return directory
+
+
+def test_refiner_finishes_what_the_base_model_started(tiny_sdxl_dir, tiny_refiner_dir):
+    common = dict(seeds=[0], guidance_scales=[5.0], num_inference_steps=4, pipe=load_sdxl(tiny_sdxl_dir))
     plain = run_sdxl_lab(tiny_sdxl_dir, "a cube", **common).images[0]
-    refined = run_sdxl_lab(tiny_sdxl_dir, "a cube", refiner=refiner_dir, refiner_start=0.5, **common).images[0]
-    assert refined.refiner == str(refiner_dir) and refined.image.size == (64, 64)
+    refined = run_sdxl_lab(tiny_sdxl_dir, "a cube", refiner=tiny_refiner_dir, refiner_start=0.5, **common).images[0]
+    assert refined.refiner == str(tiny_refiner_dir) and refined.image.size == (64, 64)
     assert np.abs(np.asarray(plain.image, dtype=int) - np.asarray(refined.image, dtype=int)).max() > 0
+
+
+def test_minild_ddim_hands_over_to_the_refiner_like_diffusers_ddim(tiny_sdxl_dir, tiny_refiner_dir):
+    # The base stops half-way through the chain and the refiner starts there (set_begin_index).
+    common = dict(seeds=[0, 1], guidance_scales=[5.0], num_inference_steps=4, refiner=tiny_refiner_dir,
+                  refiner_start=0.5)
+    ours = run_sdxl_lab(tiny_sdxl_dir, "a cube", scheduler="minild:ddim", **common).images
+    theirs = run_sdxl_lab(tiny_sdxl_dir, "a cube", scheduler="ddim", **common).images
+    for a, b in zip(ours, theirs):
+        assert np.abs(np.asarray(a.image, dtype=int) - np.asarray(b.image, dtype=int)).max() <= 1
 
 
 # --- Errors -----------------------------------------------------------------------------------
