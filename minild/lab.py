@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -126,7 +126,7 @@ def _load(pipeline_class, model, *, device, dtype, memory, **components):
                 pipe = pipeline_class.from_pretrained(
                     source, **{_DTYPE_KEYWORD: DTYPES[dtype]}, variant=variant, use_safetensors=True, **components
                 )
-            except (OSError, ValueError, EnvironmentError) as err:
+            except (OSError, ValueError) as err:
                 label = f" (variant {variant})" if variant else ""
                 attempts.append(f"{where} {source!r}{label}: {type(err).__name__}: {_first_line(err)}")
                 continue
@@ -214,23 +214,51 @@ def run_sdxl_lab(
     ``scheduler``: ``"default"`` (the model's own), a diffusers name (``ddim``, ``euler``,
     ``dpm++2m``, …) or ``minild:<sampler>``. With ``refiner``, the base model denoises until
     ``refiner_start`` of the schedule and the refiner finishes. With ``out_dir``, writes the PNGs,
-    contact sheets, ``results.json`` and ``index.html`` there. Pass a loaded ``pipe`` to reuse it.
+    contact sheets, ``results.json`` and ``index.html`` there. Pass a loaded ``pipe`` (``load_sdxl``) to
+    reuse it; it keeps its own device, dtype, memory options and scheduler.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     _check_run_arguments(prompts, guidance_scales, num_inference_steps, seeds, batch_size, refiner_start)
     if pipe is None:
         pipe = load_sdxl(model, device=device, dtype=dtype, memory=memory)
-    pipe.set_progress_bar_config(disable=not progress)
-    if scheduler != "default":
-        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     refiner_pipe = None
     if refiner is not None:
         refiner_pipe = _load_refiner(refiner, pipe, device=device, dtype=dtype, memory=memory)
-        refiner_pipe.set_progress_bar_config(disable=not progress)
-        if scheduler != "default":
-            refiner_pipe.scheduler = make_scheduler(scheduler, refiner_pipe.scheduler.config)
     width, height = parse_size(size) or (pipe.default_sample_size * pipe.vae_scale_factor,) * 2
+    base = LabImage(
+        prompt="", prompt_index=0, negative_prompt=negative_prompt, seed=0, guidance_scale=0.0,
+        num_inference_steps=num_inference_steps, scheduler=scheduler, width=width, height=height,
+        model=str(model), refiner=None if refiner is None else str(refiner), seconds=0.0,
+    )
+    # A reused pipe keeps its own scheduler: the named one is swapped in for this run only.
+    pipes = [p for p in (pipe, refiner_pipe) if p is not None]
+    own_schedulers = [p.scheduler for p in pipes]
+    try:
+        for p in pipes:
+            p.set_progress_bar_config(disable=not progress)
+            if scheduler != "default":
+                p.scheduler = make_scheduler(scheduler, p.scheduler.config)
+        scheduler_class = type(pipe.scheduler).__name__
+        images = _generate_all(pipe, refiner_pipe, base, prompts, guidance_scales, seeds, batch_size, refiner_start)
+    finally:
+        for p, own in zip(pipes, own_schedulers):
+            p.scheduler = own
+    grids = {prompt: contact_sheet([im for im in images if im.prompt_index == i], seeds, guidance_scales)
+             for i, prompt in enumerate(prompts)}
+    settings = {
+        "model": str(model), "refiner": base.refiner, "scheduler": scheduler, "scheduler_class": scheduler_class,
+        "device": str(pipe.device), "dtype": str(pipe.dtype), "prompts": prompts, "negative_prompt": negative_prompt,
+        "guidance_scales": [float(g) for g in guidance_scales], "seeds": list(seeds),
+        "num_inference_steps": num_inference_steps, "width": width, "height": height, "memory": list(memory),
+    }
+    results = LabResults(images=images, grids=grids, settings=settings)
+    if out_dir is not None:
+        write_results(results, out_dir)
+    return results
 
+
+def _generate_all(pipe, refiner_pipe, base: LabImage, prompts, guidance_scales, seeds, batch_size, refiner_start):
+    """Every prompt × guidance scale × seed, ``batch_size`` seeds per pipeline call."""
     images: list[LabImage] = []
     for prompt_index, prompt in enumerate(prompts):
         for guidance_scale in guidance_scales:
@@ -238,30 +266,17 @@ def run_sdxl_lab(
                 batch_seeds = list(seeds[start:start + batch_size])
                 began = time.perf_counter()
                 pil_images = _generate(
-                    pipe, refiner_pipe, prompt, negative_prompt, batch_seeds, guidance_scale=guidance_scale,
-                    num_inference_steps=num_inference_steps, width=width, height=height, refiner_start=refiner_start,
+                    pipe, refiner_pipe, prompt, base.negative_prompt, batch_seeds, guidance_scale=guidance_scale,
+                    num_inference_steps=base.num_inference_steps, width=base.width, height=base.height,
+                    refiner_start=refiner_start,
                 )
-                seconds = (time.perf_counter() - began) / len(batch_seeds)
-                for seed, image in zip(batch_seeds, pil_images):
-                    images.append(LabImage(
-                        prompt=prompt, prompt_index=prompt_index, negative_prompt=negative_prompt, seed=seed,
-                        guidance_scale=float(guidance_scale), num_inference_steps=num_inference_steps,
-                        scheduler=scheduler, width=width, height=height, model=str(model),
-                        refiner=None if refiner is None else str(refiner), seconds=round(seconds, 3), image=image,
-                    ))
-    grids = {prompt: contact_sheet([im for im in images if im.prompt_index == i], seeds, guidance_scales)
-             for i, prompt in enumerate(prompts)}
-    settings = {
-        "model": str(model), "refiner": None if refiner is None else str(refiner), "scheduler": scheduler,
-        "scheduler_class": type(pipe.scheduler).__name__, "device": str(pipe.device), "dtype": str(pipe.dtype),
-        "prompts": prompts, "negative_prompt": negative_prompt, "guidance_scales": [float(g) for g in guidance_scales],
-        "seeds": list(seeds), "num_inference_steps": num_inference_steps, "width": width, "height": height,
-        "memory": list(memory),
-    }
-    results = LabResults(images=images, grids=grids, settings=settings)
-    if out_dir is not None:
-        write_results(results, out_dir)
-    return results
+                seconds = round((time.perf_counter() - began) / len(batch_seeds), 3)
+                images += [
+                    replace(base, prompt=prompt, prompt_index=prompt_index, seed=seed,
+                            guidance_scale=float(guidance_scale), seconds=seconds, image=image)
+                    for seed, image in zip(batch_seeds, pil_images)
+                ]
+    return images
 
 
 def _check_run_arguments(prompts, guidance_scales, num_inference_steps, seeds, batch_size, refiner_start) -> None:

@@ -176,6 +176,8 @@ def test_diffusers_schedulers_run_by_name(tiny_sdxl_dir, scheduler):
     assert lab.settings["scheduler"] == scheduler
     assert lab.settings["scheduler_class"] == {"euler": "EulerDiscreteScheduler",
                                                "dpm++2m": "DPMSolverMultistepScheduler"}[scheduler]
+    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"  # the reused pipe keeps its own
+
 
 
 @pytest.fixture(scope="module")
