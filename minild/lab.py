@@ -108,29 +108,24 @@ def _load(pipeline_class, model, *, device, dtype, memory, **components):
 
     attempts = []
     local = Path(model).expanduser()
-    if local.exists():
-        if not (local / "model_index.json").is_file():
-            raise LabError(
-                f"{local.resolve()} is not a diffusers pipeline directory (no model_index.json); pass the folder "
-                "written by save_pretrained, or a hub id such as stabilityai/stable-diffusion-xl-base-1.0"
-            )
-        sources = [str(local)]
-    else:
+    if local.exists() and not (local / "model_index.json").is_file():
+        raise LabError(
+            f"{local.resolve()} is not a diffusers pipeline directory (no model_index.json); pass the folder "
+            "written by save_pretrained, or a hub id such as stabilityai/stable-diffusion-xl-base-1.0"
+        )
+    if not local.exists():
         attempts.append(f"local directory {local.resolve()} (does not exist)")
-        sources = [str(model)]
-    variants = ["fp16", None] if dtype == "float16" else [None]
-    where = "directory" if local.exists() else "hub id"
-    for source in sources:
-        for variant in variants:
-            try:
-                pipe = pipeline_class.from_pretrained(
-                    source, **{_DTYPE_KEYWORD: DTYPES[dtype]}, variant=variant, use_safetensors=True, **components
-                )
-            except (OSError, ValueError) as err:
-                label = f" (variant {variant})" if variant else ""
-                attempts.append(f"{where} {source!r}{label}: {type(err).__name__}: {_first_line(err)}")
-                continue
-            return _place(pipe, device, memory)
+    source, where = (str(local), "directory") if local.exists() else (str(model), "hub id")
+    for variant in ["fp16", None] if dtype == "float16" else [None]:
+        try:
+            pipe = pipeline_class.from_pretrained(
+                source, **{_DTYPE_KEYWORD: DTYPES[dtype]}, variant=variant, use_safetensors=True, **components
+            )
+        except (OSError, ValueError) as err:
+            label = f" (variant {variant})" if variant else ""
+            attempts.append(f"{where} {source!r}{label}: {type(err).__name__}: {_first_line(err)}")
+            continue
+        return _place(pipe, device, memory)
     raise LabError(
         f"could not load the SDXL model {str(model)!r}. Tried: " + "; ".join(attempts)
         + ". Pass a local directory written by save_pretrained (safetensors weights) or a hub id that is "

@@ -251,6 +251,20 @@ def test_weights_must_be_safetensors(tiny_sdxl_dir, tmp_path):
         load_sdxl(copy)
 
 
+def test_float16_loads_the_fp16_variant_when_the_model_has_one(tiny_sdxl_dir, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(tiny_sdxl_dir, tmp_path / "with-variant")
+    pipe = load_sdxl(copy, device="cpu")
+    with torch.no_grad():
+        pipe.unet.conv_out.bias.fill_(0.5)  # marks the variant's weights
+    pipe.save_pretrained(copy, variant="fp16")  # *.fp16.safetensors beside the default weights
+    with_variant = load_sdxl(copy, device="cpu", dtype="float16")
+    assert with_variant.unet.dtype == torch.float16 and bool((with_variant.unet.conv_out.bias == 0.5).all())
+    without = load_sdxl(tiny_sdxl_dir, device="cpu", dtype="float16")  # falls back to the default weights, cast
+    assert without.unet.dtype == torch.float16 and not bool((without.unet.conv_out.bias == 0.5).all())
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
