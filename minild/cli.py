@@ -1,4 +1,4 @@
-"""The ``minild`` command line: train, sample, plugins, experiment. Only this module prints and exits."""
+"""The ``minild`` command line: train, sample, plugins, experiment, lab. Only this module prints and exits."""
 
 from __future__ import annotations
 
@@ -100,7 +100,52 @@ def _parser() -> argparse.ArgumentParser:
     prompt.add_argument("--batch-size", type=int, default=200, help="images per generate() call")
     prompt.add_argument("--out", default=None, help="output folder (default: RUN_DIR/prompt_digits)")
     prompt.set_defaults(run=_experiment)
+
+    lab = commands.add_parser("lab", help="prompt labs on pretrained diffusers models")
+    labs = lab.add_subparsers(dest="lab", required=True)
+    sdxl = labs.add_parser("sdxl", help="every prompt × guidance × seed with an SDXL model: PNGs, sheets, index.html")
+    sdxl.add_argument("--model", required=True, help="SDXL pipeline directory (save_pretrained) or hub id")
+    prompts = sdxl.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="a prompt (repeat for more)")
+    prompts.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line (# comments)")
+    sdxl.add_argument("--negative", default=None, help="negative prompt for every image")
+    sdxl.add_argument("--guidance", type=_float_list, default=[5.0],
+                      help="comma-separated guidance scales, diffusers' convention (1 = none), e.g. 3,5,7.5")
+    sdxl.add_argument("--steps", type=int, default=30, help="number of inference steps")
+    sdxl.add_argument("--seeds", type=_int_list, default=[0], help="comma-separated seeds, e.g. 0,1,2")
+    sdxl.add_argument("--scheduler", default="default",
+                      help="default (the model's), ddim, ddpm, euler, euler_a, dpm++2m, dpm++2m_karras, unipc, "
+                           "or minild:<sampler> (e.g. minild:ddim)")
+    sdxl.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's, 1024x1024 for SDXL)")
+    sdxl.add_argument("--out", required=True, help="output folder")
+    sdxl.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    sdxl.add_argument("--dtype", default="auto", help="auto (float16 on CUDA, else float32), float16, bfloat16, float32")
+    sdxl.add_argument("--memory", type=_str_list, default=[],
+                      help="comma-separated: model_cpu_offload, vae_slicing, vae_tiling, attention_slicing")
+    sdxl.add_argument("--refiner", default=None, help="SDXL refiner directory or hub id (finishes each image)")
+    sdxl.add_argument("--refiner-start", type=float, default=0.8,
+                      help="fraction of the schedule the base model runs before the refiner takes over")
+    sdxl.add_argument("--batch-size", type=int, default=4, help="seeds generated together")
+    sdxl.set_defaults(run=_lab_sdxl)
     return parser
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 3,5,7.5; got {text!r}") from None
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+
+
+def _str_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def _train(args) -> int:
@@ -223,6 +268,23 @@ def _experiment(args) -> int:
                                       out_dir=out, classifier=classifier, **common)
         print((out / "prompts.md").read_text())
     print(f"wrote {out}")
+    return 0
+
+
+def _lab_sdxl(args) -> int:
+    from minild.lab import read_prompts, run_sdxl_lab
+
+    prompts = args.prompt if args.prompt else read_prompts(args.prompts)
+    results = run_sdxl_lab(
+        args.model, prompts, negative_prompt=args.negative, guidance_scales=args.guidance,
+        num_inference_steps=args.steps, seeds=args.seeds, scheduler=args.scheduler, size=args.size,
+        out_dir=args.out, device=args.device, dtype=args.dtype, memory=args.memory, refiner=args.refiner,
+        refiner_start=args.refiner_start, batch_size=args.batch_size, progress=True,
+    )
+    seconds = sum(image.seconds for image in results.images)
+    print(f"generated {len(results.images)} images in {seconds:.1f}s on {results.settings['device']} "
+          f"({results.settings['scheduler_class']})")
+    print(f"wrote {Path(args.out) / 'index.html'} and {Path(args.out) / 'results.json'}")
     return 0
 
 

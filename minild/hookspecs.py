@@ -67,6 +67,13 @@ def register_samplers(register):
     - ``callback``: optional ``callback(info: dict)`` called after every step with at
       least ``{"i", "t", "x", "x0_pred"}``;
     - returns the final sample ``[B, C, H, W]`` in model space (images in [-1, 1]).
+
+    Optionally, the step-wise interface that lets the sampler drive diffusers pipelines
+    (``minild.diffusers_adapter.MinildScheduler``, ``--scheduler minild:<name>``):
+
+    - ``timesteps(num_inference_steps) -> list[int]``: the chain, noisiest first;
+    - ``step(eps, t, x, *, t_prev, generator=None) -> (x_prev, x0_pred)``: one update from
+      ``x`` at timestep ``t`` to ``t_prev`` (None after the last timestep), all ``[B, C, H, W]``.
     """
 
 

@@ -1,4 +1,5 @@
-"""Built-in noise schedules: DDPM's linear betas and Improved-DDPM's cosine ᾱ.
+"""Built-in noise schedules: DDPM's linear betas, Stable Diffusion's scaled-linear betas and
+Improved-DDPM's cosine ᾱ.
 
 Each factory returns a ``minild.NoiseSchedule`` (float32 tensors indexed by t = 0 … T−1).
 """
@@ -20,12 +21,23 @@ def linear(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float 
     Computed in float32 exactly as diffusers' ``beta_schedule="linear"``.
     """
     _check_num_timesteps(num_timesteps)
-    if not 0 < beta_start <= beta_end < 1:
-        raise ValueError(
-            f"linear schedule needs 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, "
-            f"beta_end={beta_end}"
-        )
+    _check_beta_range("linear", beta_start, beta_end)
     return NoiseSchedule.from_betas(torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float32))
+
+
+def scaled_linear(
+    num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> NoiseSchedule:
+    """√β_t evenly spaced from √``beta_start`` to √``beta_end``, then squared (Stable Diffusion, SDXL).
+
+    Computed in float32 exactly as diffusers' ``beta_schedule="scaled_linear"``; the defaults are
+    Stable Diffusion's and SDXL's.
+    """
+    _check_num_timesteps(num_timesteps)
+    _check_beta_range("scaled_linear", beta_start, beta_end)
+    return NoiseSchedule.from_betas(
+        torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float32) ** 2
+    )
 
 
 def cosine(
@@ -64,7 +76,16 @@ def _check_num_timesteps(num_timesteps: int) -> None:
         raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}")
 
 
+def _check_beta_range(schedule: str, beta_start: float, beta_end: float) -> None:
+    if not 0 < beta_start <= beta_end < 1:
+        raise ValueError(
+            f"{schedule} schedule needs 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, "
+            f"beta_end={beta_end}"
+        )
+
+
 @hookimpl
 def register_schedules(register):
     register("linear", linear)
+    register("scaled_linear", scaled_linear)
     register("cosine", cosine)

@@ -90,3 +90,53 @@ def tiny_clip_dir(tmp_path_factory):
     tokenizer.save_pretrained(directory)
     CLIPTextModel(config).save_pretrained(directory)
     return directory
+
+
+# SDXL base's scheduler_config.json: Euler, scaled-linear betas, "leading" spacing with offset 1, and
+# the DDIM fields (set_alpha_to_one, clip_sample) that other schedulers read through from_config.
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000,
+    "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory, tiny_clip_dir):
+    """A random SDXL pipeline with SDXL's layout and scheduler, small enough for 64×64 in a second.
+
+    Two CLIP text encoders (32-d hidden states each, concatenated to the UNet's 64-d context; the
+    second with a 32-d pooled projection), a UNet with SDXL's "text_time" addition embedding
+    (6 size/crop numbers × 8 + the 32-d pooled text = 80) and a two-level VAE (64 px ↔ 32² latents).
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    directory = tmp_path_factory.mktemp("tiny_sdxl")
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_clip_dir)
+    text_config = CLIPTextConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, projection_dim=32,
+        vocab_size=len(tokenizer), max_position_embeddings=77, hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 1),
+        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=64,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(text_config), text_encoder_2=CLIPTextModelWithProjection(text_config),
+        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory

@@ -163,6 +163,37 @@ def test_ddim_odd_step_count_matches_diffusers():
     assert (ours - theirs).abs().max() <= TOLERANCE
 
 
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_with_sdxl_spacing_matches_diffusers(eta):
+    # Stable Diffusion / SDXL: scaled-linear betas, timesteps 981, …, 1 and a last step ending on ᾱ_0.
+    schedule = minild.create("schedule", "scaled_linear", num_timesteps=T, beta_start=0.00085, beta_end=0.012)
+    sampler = minild.create("sampler", "ddim", schedule, eta=eta, steps_offset=1, final_alpha_cumprod="first")
+    assert sampler.timesteps(50)[0] == 981 and sampler.timesteps(50)[-1] == 1
+    ours = sampler.sample(toy_eps, SHAPE, num_inference_steps=50, generator=seeded())
+    scheduler = DDIMScheduler(
+        num_train_timesteps=T, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+    )
+    theirs = diffusers_loop(scheduler, 50, seeded(), eta=eta)
+    assert (ours - theirs).abs().max() <= TOLERANCE
+
+
+def test_ddim_steps_offset_past_the_schedule_raises():
+    sampler = minild.create("sampler", "ddim", our_schedule("linear"), steps_offset=1)
+    with pytest.raises(ValueError, match="steps_offset"):
+        sampler.timesteps(T)
+
+
+def test_ddim_step_is_one_iteration_of_sample():
+    sampler = minild.create("sampler", "ddim", our_schedule("linear"), eta=1.0)
+    x_T = torch.randn(SHAPE, generator=seeded(1))
+    ours = sampler.sample(toy_eps, SHAPE, num_inference_steps=4, latents=x_T, generator=seeded())
+    x, generator, timesteps = x_T, seeded(), sampler.timesteps(4)
+    for t, t_prev in zip(timesteps, timesteps[1:] + [None]):
+        x, _ = sampler.step(toy_eps(x, torch.full((SHAPE[0],), t)), t, x, t_prev=t_prev, generator=generator)
+    assert torch.equal(ours, x)
+
+
 # --- The sampling contract ------------------------------------------------------------------
 
 
@@ -245,6 +276,8 @@ def test_bad_num_inference_steps_raises(name, num_inference_steps):
         ("ddim", {"eta": -1.0}),
         ("ddim", {"clip_sample": "dynamic"}),
         ("ddim", {"clip_sample_range": -1.0}),
+        ("ddim", {"steps_offset": -1}),
+        ("ddim", {"final_alpha_cumprod": True}),
     ],
 )
 def test_bad_sampler_parameters_raise(name, params):

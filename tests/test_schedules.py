@@ -1,4 +1,4 @@
-"""Noise schedules: the built-in linear and cosine betas against diffusers and the seeds."""
+"""Noise schedules: the built-in linear, scaled-linear and cosine betas against diffusers and the seeds."""
 
 import inspect
 import math
@@ -27,7 +27,7 @@ def seeds_cosine_betas(timesteps, s=0.008):
 
 
 def test_builtin_schedules_are_registered():
-    assert {"linear", "cosine"} <= set(minild.available("schedule"))
+    assert {"linear", "scaled_linear", "cosine"} <= set(minild.available("schedule"))
 
 
 def test_linear_matches_diffusers_betas_and_alphas_cumprod():
@@ -36,6 +36,20 @@ def test_linear_matches_diffusers_betas_and_alphas_cumprod():
     assert torch.equal(ours.betas, theirs.betas)
     assert torch.equal(ours.alphas, theirs.alphas)
     assert torch.equal(ours.alphas_cumprod, theirs.alphas_cumprod)
+
+
+def test_scaled_linear_matches_diffusers_betas_and_alphas_cumprod():
+    ours = minild.create("schedule", "scaled_linear", num_timesteps=T, beta_start=0.00085, beta_end=0.012)
+    theirs = diffusers_scheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    assert torch.equal(ours.betas, theirs.betas)
+    assert torch.equal(ours.alphas_cumprod, theirs.alphas_cumprod)
+
+
+def test_scaled_linear_is_not_the_linear_schedule():
+    scaled = minild.create("schedule", "scaled_linear", beta_start=0.00085, beta_end=0.012)
+    linear = minild.create("schedule", "linear", beta_start=0.00085, beta_end=0.012)
+    torch.testing.assert_close(scaled.betas[[0, -1]], linear.betas[[0, -1]])  # same end points
+    assert (scaled.betas[1:-1] < linear.betas[1:-1]).all()  # squares of a line bend below the line
 
 
 def test_cosine_defaults_follow_the_seeds_formula():
@@ -57,7 +71,7 @@ def test_cosine_seed_defaults_are_a_different_schedule_from_squaredcos_cap_v2():
     assert (ours.betas - theirs.betas).abs().max() > 1e-4  # clipped at 1e-4 … 0.9999, not 0 … 0.999
 
 
-@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine"])
 def test_schedule_exposes_its_tensors(name):
     schedule = minild.create("schedule", name, num_timesteps=50)
     assert schedule.num_timesteps == 50
@@ -70,7 +84,7 @@ def test_schedule_exposes_its_tensors(name):
     torch.testing.assert_close(schedule.alphas_cumprod_prev[1:], schedule.alphas_cumprod[:-1])
 
 
-@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine"])
 def test_posterior_variance_is_beta_tilde(name):
     schedule = minild.create("schedule", name)
     betas = schedule.betas.double()
@@ -81,7 +95,7 @@ def test_posterior_variance_is_beta_tilde(name):
     assert schedule.posterior_variance[0] == 0
 
 
-@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine"])
 def test_add_noise_matches_diffusers(name):
     schedule = minild.create("schedule", name)
     theirs = diffusers_scheduler(trained_betas=schedule.betas.numpy())
@@ -93,7 +107,7 @@ def test_add_noise_matches_diffusers(name):
     assert (schedule.add_noise(x0, noise, t) - expected).abs().max() <= 1e-6
 
 
-@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine"])
 def test_schedule_parameters_are_annotated_plain_data(name):
     factory = minild.plugins.lookup("schedule", name).factory
     for parameter in inspect.signature(factory).parameters.values():
@@ -109,6 +123,8 @@ def test_schedule_parameters_are_annotated_plain_data(name):
         ("linear", {"beta_start": 0.0}),
         ("linear", {"beta_start": 0.03, "beta_end": 0.02}),
         ("linear", {"beta_end": 1.0}),
+        ("scaled_linear", {"num_timesteps": 0}),
+        ("scaled_linear", {"beta_start": 0.02, "beta_end": 0.012}),
         ("cosine", {"num_timesteps": 0}),
         ("cosine", {"s": -0.1}),
         ("cosine", {"min_beta": 0.5, "max_beta": 0.4}),

@@ -12,10 +12,11 @@ import torch
 GeneratorOrList = torch.Generator | Sequence[torch.Generator] | None
 
 
-def leading_timesteps(num_timesteps: int, num_inference_steps: int) -> list[int]:
-    """diffusers' "leading" spacing with ``steps_offset=0``: T//n·(n−1), …, T//n, 0.
+def leading_timesteps(num_timesteps: int, num_inference_steps: int, steps_offset: int = 0) -> list[int]:
+    """diffusers' "leading" spacing: T//n·(n−1), …, T//n, 0, each plus ``steps_offset``.
 
-    1000 steps of 1000 give 999, 998, …, 0; 50 give 980, 960, …, 0.
+    1000 steps of 1000 give 999, 998, …, 0; 50 give 980, 960, …, 0 (981, …, 1 with the offset 1
+    that Stable Diffusion and SDXL use).
     """
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
         raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}")
@@ -25,7 +26,13 @@ def leading_timesteps(num_timesteps: int, num_inference_steps: int) -> list[int]
             f"got {num_inference_steps}"
         )
     step_ratio = num_timesteps // num_inference_steps
-    return [i * step_ratio for i in reversed(range(num_inference_steps))]
+    timesteps = [i * step_ratio + steps_offset for i in reversed(range(num_inference_steps))]
+    if timesteps[0] >= num_timesteps:
+        raise ValueError(
+            f"{num_inference_steps} steps with steps_offset={steps_offset} start at t={timesteps[0]}, past the "
+            f"schedule's last timestep {num_timesteps - 1}; use fewer steps or steps_offset=0"
+        )
+    return timesteps
 
 
 def randn(

@@ -1,6 +1,7 @@
 """DDIM sampling (Song et al. 2021, eq. 12) on a strided chain, deterministic at eta = 0.
 
-Matches diffusers' ``DDIMScheduler`` (epsilon prediction, "leading" spacing, set_alpha_to_one).
+Matches diffusers' ``DDIMScheduler`` (epsilon prediction, "leading" spacing, its steps_offset and
+set_alpha_to_one). ``step`` is one update of the chain, for drivers that own the loop.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .common import (
 )
 
 CLIP_SAMPLE = ("none", "clip", "clip_rederive_eps")
+FINAL_ALPHA_CUMPROD = ("one", "first")
 
 
 class DDIMSampler:
@@ -31,6 +33,10 @@ class DDIMSampler:
       classifier-free guidance), ``"clip"`` clamps x̂0 to ±``clip_sample_range`` and keeps ε,
       ``"clip_rederive_eps"`` clamps x̂0 and re-derives ε from it (diffusers'
       ``use_clipped_model_output``, GLIDE).
+    - ``steps_offset``: added to every timestep of the chain (diffusers' ``steps_offset``;
+      Stable Diffusion and SDXL use 1).
+    - ``final_alpha_cumprod``: ᾱ_prev of the last step; ``"one"`` ends on the clean image
+      (diffusers' ``set_alpha_to_one=True``), ``"first"`` uses ᾱ_0 (``set_alpha_to_one=False``, SDXL).
     """
 
     def __init__(
@@ -40,15 +46,26 @@ class DDIMSampler:
         eta: float = 0.0,
         clip_sample: str = "none",
         clip_sample_range: float = 1.0,
+        steps_offset: int = 0,
+        final_alpha_cumprod: str = "one",
     ):
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
             raise ValueError(f"eta must be a number >= 0, got {eta!r}")
         check_choice("clip_sample", clip_sample, CLIP_SAMPLE)
         check_clip_sample_range(clip_sample_range)
+        if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
+            raise ValueError(f"steps_offset must be an integer >= 0, got {steps_offset!r}")
+        check_choice("final_alpha_cumprod", final_alpha_cumprod, FINAL_ALPHA_CUMPROD)
         self.schedule = schedule
         self.eta = float(eta)
         self.clip_sample = clip_sample
         self.clip_sample_range = clip_sample_range
+        self.steps_offset = steps_offset
+        self.final_alpha_cumprod = final_alpha_cumprod
+
+    def timesteps(self, num_inference_steps: int) -> list[int]:
+        """The chain's timesteps, noisiest first: T//n·(n−1), …, T//n, 0, each plus ``steps_offset``."""
+        return leading_timesteps(self.schedule.num_timesteps, num_inference_steps, self.steps_offset)
 
     @torch.no_grad()
     def sample(
@@ -64,44 +81,61 @@ class DDIMSampler:
     ) -> torch.Tensor:
         """Denoise x_T of ``shape`` (B, C, H, W) into x_0 with ``model_fn(x, t) -> eps``.
 
-        ``num_inference_steps`` (default 50) walks the timesteps T//n·(n−1), …, T//n, 0.
+        ``num_inference_steps`` (default 50) walks ``self.timesteps(num_inference_steps)``.
         Without ``latents``, x_T is drawn with ``generator`` on ``device`` (default CPU), in
         float32. With eta > 0 each step draws its noise z with ``generator`` too.
         """
         if num_inference_steps is None:
             num_inference_steps = 50
-        timesteps = leading_timesteps(self.schedule.num_timesteps, num_inference_steps)
+        timesteps = self.timesteps(num_inference_steps)
         x = initial_latents(shape, generator, latents, device)
-        batch_size = x.shape[0]
-
-        # Legend, one entry per step of the chain t → t_prev (t_prev is the next timestep):
-        #   ᾱ_t = alpha_prod_t, ᾱ_prev = alpha_prod_prev (1 after the last step: set_alpha_to_one),
-        #   x̂0 = x0_pred (the paper's f_θ), ε = eps, σ_t = std_dev, η = eta.
-        alphas_cumprod = self.schedule.alphas_cumprod
-        alpha_prod_t = alphas_cumprod[timesteps]  # [n]
-        alpha_prod_prev = torch.cat([alphas_cumprod[timesteps[1:]], torch.ones(1)])  # [n]
-        beta_prod_t = 1 - alpha_prod_t
-        # σ_t = η √((1 − ᾱ_prev)/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev)   (DDIM eq. 16)
-        variance = (1 - alpha_prod_prev) / beta_prod_t * (1 - alpha_prod_t / alpha_prod_prev)
-        std_dev = self.eta * variance.sqrt()
-        direction_coeff = (1 - alpha_prod_prev - std_dev**2).sqrt()
-        coefficients = (alpha_prod_t.sqrt(), beta_prod_t.sqrt(), alpha_prod_prev.sqrt(), direction_coeff, std_dev)
-        sqrt_alpha_prod_t, sqrt_beta_prod_t, sqrt_alpha_prod_prev, direction_coeff, std_dev = (
-            c.to(device=x.device, dtype=x.dtype) for c in coefficients
-        )
-        t_batches = torch.tensor([[t] * batch_size for t in timesteps], device=x.device)  # [n, B]
-
+        t_batches = torch.tensor([[t] * x.shape[0] for t in timesteps], device=x.device)  # [n, B]
         for i, t in enumerate(timesteps):
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
             eps = model_fn(x, t_batches[i])
-            x0_pred = (x - sqrt_beta_prod_t[i] * eps) / sqrt_alpha_prod_t[i]  # "predicted x_0", DDIM eq. 12
-            if self.clip_sample != "none":
-                x0_pred = x0_pred.clamp(-self.clip_sample_range, self.clip_sample_range)
-            if self.clip_sample == "clip_rederive_eps":
-                eps = (x - sqrt_alpha_prod_t[i] * x0_pred) / sqrt_beta_prod_t[i]
-            # DDIM eq. 12: √ᾱ_prev · x̂0 + "direction pointing to x_t" + σ_t z
-            x = sqrt_alpha_prod_prev[i] * x0_pred + direction_coeff[i] * eps
-            if self.eta > 0:
-                x = x + std_dev[i] * randn(x.shape, generator, x.device, x.dtype)
+            x, x0_pred = self.step(eps, t, x, t_prev=t_prev, generator=generator)
             if callback is not None:
                 callback({"i": i, "t": t, "x": x, "x0_pred": x0_pred})
         return x
+
+    @torch.no_grad()
+    def step(
+        self,
+        eps: torch.Tensor,
+        t: int,
+        x: torch.Tensor,
+        *,
+        t_prev: int | None,
+        generator: GeneratorOrList = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of the chain x_t → x_{t_prev} given the model's ``eps`` at (x_t, t).
+
+        ``t`` and ``t_prev`` are training timesteps (``t_prev=None``: the last step, ending on
+        ``final_alpha_cumprod``); ``x`` and ``eps`` are ``[B, C, H, W]``. Returns
+        ``(x_prev, x0_pred)``, both shaped like ``x``.
+        """
+        # Legend: ᾱ_t = alpha_prod_t, ᾱ_prev = alpha_prod_prev, x̂0 = x0_pred (the paper's f_θ),
+        # ε = eps, σ_t = std_dev, η = eta. The ᾱ are 0-dim float32 CPU tensors, which torch
+        # applies to x on any device as scalars (no host sync).
+        alphas_cumprod = self.schedule.alphas_cumprod
+        alpha_prod_t = alphas_cumprod[t]
+        if t_prev is not None:
+            alpha_prod_prev = alphas_cumprod[t_prev]
+        else:
+            alpha_prod_prev = torch.tensor(1.0) if self.final_alpha_cumprod == "one" else alphas_cumprod[0]
+        beta_prod_t = 1 - alpha_prod_t
+
+        # 1. "predicted x_0" (DDIM eq. 12), optionally clipped
+        x0_pred = (x - beta_prod_t.sqrt() * eps) / alpha_prod_t.sqrt()
+        if self.clip_sample != "none":
+            x0_pred = x0_pred.clamp(-self.clip_sample_range, self.clip_sample_range)
+        if self.clip_sample == "clip_rederive_eps":
+            eps = (x - alpha_prod_t.sqrt() * x0_pred) / beta_prod_t.sqrt()
+        # 2. σ_t = η √((1 − ᾱ_prev)/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev)   (DDIM eq. 16)
+        variance = (1 - alpha_prod_prev) / beta_prod_t * (1 - alpha_prod_t / alpha_prod_prev)
+        std_dev = self.eta * variance.sqrt()
+        # 3. DDIM eq. 12: √ᾱ_prev · x̂0 + "direction pointing to x_t" + σ_t z
+        x_prev = alpha_prod_prev.sqrt() * x0_pred + (1 - alpha_prod_prev - std_dev**2).sqrt() * eps
+        if self.eta > 0:
+            x_prev = x_prev + std_dev * randn(x.shape, generator, x.device, x.dtype)
+        return x_prev, x0_pred

@@ -1,0 +1,131 @@
+"""minild samplers as diffusers schedulers: minild:ddim ≡ DDIMScheduler inside a tiny SDXL pipeline."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+import minild
+from minild.diffusers_adapter import MinildScheduler, make_scheduler, scheduler_names
+
+from .conftest import SDXL_SCHEDULER_CONFIG
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe(tiny_sdxl_dir):
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sdxl_config():
+    return EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG).config
+
+
+def generate(pipe, scheduler, **kwargs):
+    pipe.scheduler = scheduler
+    generators = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
+    return pipe(["a red cube", "a blue ball"], num_inference_steps=3, guidance_scale=5.0, generator=generators,
+                output_type="np", **kwargs).images
+
+
+def test_minild_ddim_gives_the_same_sdxl_images_as_diffusers_ddim(sdxl_pipe):
+    config = sdxl_pipe.scheduler.config
+    theirs = generate(sdxl_pipe, DDIMScheduler.from_config(config))
+    ours = generate(sdxl_pipe, make_scheduler("minild:ddim", config))
+    assert theirs.shape == (2, 64, 64, 3) and theirs.std() > 0.01
+    assert np.abs(ours - theirs).max() <= 1e-4
+
+
+def test_minild_ddim_with_eta_matches_diffusers_ddim_noise_draws(sdxl_pipe):
+    config = sdxl_pipe.scheduler.config
+    theirs = generate(sdxl_pipe, DDIMScheduler.from_config(config), eta=1.0)
+    ours = generate(sdxl_pipe, make_scheduler("minild:ddim", config, eta=1.0))
+    deterministic = generate(sdxl_pipe, make_scheduler("minild:ddim", config))
+    assert np.abs(ours - theirs).max() <= 1e-4
+    assert np.abs(ours - deterministic).max() > 1e-3  # the noise really was drawn
+
+
+def test_adapter_reads_sdxl_scheduler_config():
+    scheduler = make_scheduler("minild:ddim", sdxl_config())
+    assert isinstance(scheduler, MinildScheduler)
+    assert scheduler.sampler.steps_offset == 1 and scheduler.sampler.final_alpha_cumprod == "first"
+    reference = DDIMScheduler.from_config(sdxl_config())
+    scheduler.set_timesteps(30)
+    reference.set_timesteps(30)
+    assert torch.equal(scheduler.timesteps, reference.timesteps)
+    assert torch.equal(scheduler.alphas_cumprod, reference.alphas_cumprod)
+    assert scheduler.init_noise_sigma == 1.0 and scheduler.order == 1
+
+
+def test_adapter_add_noise_matches_diffusers():
+    scheduler, reference = make_scheduler("minild:ddim", sdxl_config()), DDIMScheduler.from_config(sdxl_config())
+    x0, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999])
+    torch.testing.assert_close(scheduler.add_noise(x0, noise, t), reference.add_noise(x0, noise, t))
+
+
+def test_adapter_config_saves_and_reloads(tmp_path):
+    scheduler = make_scheduler("minild:ddim", sdxl_config(), eta=0.5)
+    scheduler.save_pretrained(tmp_path)
+    reloaded = MinildScheduler.from_pretrained(tmp_path)
+    public = lambda config: {key: value for key, value in config.items() if not key.startswith("_")}  # noqa: E731
+    assert public(reloaded.config) == public(scheduler.config)
+    assert reloaded.sampler.eta == 0.5 and reloaded.sampler.steps_offset == 1
+
+
+def test_adapter_steps_follow_set_begin_index():
+    scheduler = make_scheduler("minild:ddim", sdxl_config())
+    scheduler.set_timesteps(4)
+    scheduler.set_begin_index(2)  # an img2img pipeline that skips the two noisiest steps
+    x = torch.randn(1, 4, 8, 8)
+    eps = torch.randn(1, 4, 8, 8)
+    ours = scheduler.step(eps, scheduler.timesteps[2], x).prev_sample
+    t, t_prev = scheduler.sampler.timesteps(4)[2:4]
+    expected, _ = scheduler.sampler.step(eps, t, x, t_prev=t_prev)
+    assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"prediction_type": "v_prediction"}, "prediction_type"),
+        ({"timestep_spacing": "trailing"}, "timestep_spacing"),
+        ({"beta_schedule": "squaredcos_cap_v2"}, "beta_schedule"),
+    ],
+)
+def test_unsupported_scheduler_configs_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        make_scheduler("minild:ddim", {**SDXL_SCHEDULER_CONFIG, **change})
+
+
+def test_sampler_without_an_option_the_config_needs_is_refused():
+    with pytest.raises(ValueError, match="'ddpm' has no 'steps_offset'"):
+        make_scheduler("minild:ddpm", sdxl_config())
+
+
+def test_sampler_without_a_step_interface_is_refused():
+    config = {**SDXL_SCHEDULER_CONFIG, "steps_offset": 0, "set_alpha_to_one": True}
+    with pytest.raises(ValueError, match="no timesteps\\(\\) method"):
+        make_scheduler("minild:ddpm", config)
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpm++2m", "dpm++2m_karras"])
+def test_diffusers_scheduler_names_keep_the_model_config(name):
+    scheduler = make_scheduler(name, sdxl_config())
+    assert scheduler.config.steps_offset == 1 and scheduler.config.beta_schedule == "scaled_linear"
+
+
+def test_unknown_scheduler_names_list_the_choices():
+    with pytest.raises(ValueError, match="minild:ddim"):
+        make_scheduler("heun-fast", sdxl_config())
+    with pytest.raises(minild.PluginError, match="unknown sampler 'nope'"):
+        make_scheduler("minild:nope", sdxl_config())
+    assert {"ddim", "euler", "dpm++2m", "minild:ddim"} <= set(scheduler_names())
