@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from minild import plugins
 from minild.testing import ModelConformance, SamplerConformance, ScheduleConformance
 from tests.conftest import TINY_MODELS
 
@@ -17,6 +18,10 @@ class TestCosineSchedule(ScheduleConformance):
 class TestSquaredCosCapV2Schedule(ScheduleConformance):
     name = "cosine"
     params = {"num_timesteps": 50, "min_beta": 0.0, "max_beta": 0.999, "dtype": "float64"}
+
+
+class TestScaledLinearSchedule(ScheduleConformance):
+    name = "scaled_linear"
 
 
 class TestSimpleUNet(ModelConformance):
@@ -63,3 +68,21 @@ class TestDDIMStochasticOnCosine(SamplerConformance):
     params = {"eta": 1.0, "clip_sample": "clip_rederive_eps"}
     schedule = ("cosine", {"num_timesteps": 60})
     num_inference_steps = 7
+
+
+def test_every_built_in_schedule_model_and_sampler_is_checked_here():
+    suites = {"schedule": ScheduleConformance, "model": ModelConformance, "sampler": SamplerConformance}
+    checked = {
+        (kind, cls.name)
+        for cls in globals().values()
+        for kind, suite in suites.items()
+        if isinstance(cls, type) and issubclass(cls, suite) and cls is not suite
+    }
+    built_in = {
+        (kind, name)
+        for kind in suites
+        for name, entry in plugins.registry(kind).items()
+        if entry.package.startswith("minild ")
+    }
+    assert built_in, "no built-in stage found"
+    assert built_in - checked == set(), "add a conformance class for every built-in stage"
