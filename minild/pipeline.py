@@ -149,7 +149,7 @@ class Pipeline:
         use_ema: bool = True,
         device: str | None = None,
         callback: Callable[[dict], None] | None = None,
-        batch_size: int | None = 128,
+        batch_size: int | None = 64,
     ):
         """Sample images, returned in [0, 1].
 
@@ -161,11 +161,12 @@ class Pipeline:
         ``[B, H, W, C]`` float array; ``"pil"`` → list of PIL images.
 
         ``batch_size``: images denoised together (None: all at once); with guidance each forward
-        sees twice as many. x_T is drawn for all images first, so chunking does not change (beyond
-        float rounding) the
-        images of a deterministic sampler (DDIM with eta 0, DPM-Solver++), nor of any sampler
-        given one generator per image; a stochastic sampler sharing one generator draws its
-        per-step noise chunk after chunk. ``callback`` is called for every step of every chunk.
+        sees twice as many. The default 64 keeps 1,000 guided 28×28 digits well under 1 GiB of
+        peak RSS on a CPU (128 comes close to it). x_T is drawn for all images first, so chunking
+        does not change (beyond float rounding) the images of a deterministic sampler (DDIM with
+        eta 0, DPM-Solver++), nor of any sampler given one generator per image; a stochastic
+        sampler sharing one generator draws its per-step noise chunk after chunk. ``callback``
+        is called for every step of every chunk.
         """
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
@@ -206,22 +207,25 @@ class Pipeline:
             latents = _randn(shape, generator)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        chunk_size = batch_size or num_images
         chunks = []
-        for start in range(0, num_images, batch_size or num_images):
-            chunk = slice(start, start + (batch_size or num_images))
+        for start in range(0, num_images, chunk_size):
+            chunk = slice(start, start + chunk_size)
             model_fn = guided_model_fn(
                 model, {k: v[chunk] for k, v in cond.items()}, {k: v[chunk] for k, v in uncond.items()}, guidance_scale
             )
             chunk_latents = latents[chunk].to(run_device)
-            samples = sampler_stage.sample(
-                model_fn, tuple(chunk_latents.shape), num_inference_steps=num_inference_steps,
-                generator=generator[chunk] if isinstance(generator, list) else generator,
-                latents=chunk_latents, callback=callback,
-            )
-            if self.vae is not None:
-                samples = self.vae.decode(samples)
-            chunks.append(((samples.float().cpu() + 1) / 2).clamp(0, 1))
-        images = torch.cat(chunks)
+            # inference_mode skips autograd's version counting (no_grad does not); the same numbers.
+            with torch.inference_mode():
+                samples = sampler_stage.sample(
+                    model_fn, tuple(chunk_latents.shape), num_inference_steps=num_inference_steps,
+                    generator=generator[chunk] if isinstance(generator, list) else generator,
+                    latents=chunk_latents, callback=callback,
+                )
+                if self.vae is not None:
+                    samples = self.vae.decode(samples)
+                chunks.append(((samples.float().cpu() + 1) / 2).clamp(0, 1))
+        images = torch.cat(chunks)  # outside inference mode: an ordinary tensor the caller may modify
         return _convert(images, output_type)
 
     def _class_labels(self, class_labels, num_images: int | None) -> torch.Tensor | None:

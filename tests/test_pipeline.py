@@ -229,3 +229,11 @@ def test_text_encoder_width_must_match_the_model(tiny_clip_dir, offline):
     )
     with pytest.raises(ValueError, match="gives 32-d embeddings but model.cross_attention_dim is 16"):
         minild.Pipeline.from_config(config)
+
+
+def test_generated_images_are_ordinary_tensors_and_training_continues_after_generate():
+    pipe = minild.Pipeline.from_config(tiny_config())
+    images = pipe.generate(2, num_inference_steps=2, seed=0)
+    images.mul_(2)  # an inference-mode tensor would refuse this
+    assert not images.is_inference()
+    assert pipe.train(max_steps=1).steps == 1 and not next(pipe.model.parameters()).is_inference()
