@@ -107,7 +107,7 @@ class DPMSolverPPSampler:
             eps = model_fn(x, t_batches[i])
             x0_pred = (x - sigma[i] * eps) / alpha[i]  # the data prediction x̂0 the solver integrates
             if previous_x0 is None or self._first_order(i, n):
-                # DPM-Solver++(1), eq. (9) of the paper: the DDIM step, exact at σ_prev = 0.
+                # DPM-Solver++(1), the DDIM step in λ: at σ_prev = 0 it returns x̂0.
                 x = x_coeff[i] * x + x0_coeff[i] * x0_pred
             else:
                 # DPM-Solver++(2M), Algorithm 2 (midpoint form): D0 = x̂0_i, D1 = (x̂0_i − x̂0_{i−1}) / r_i.
