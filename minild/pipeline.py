@@ -253,6 +253,7 @@ class Pipeline:
         use_ema: bool = True,
         device: str | None = None,
         callback: Callable[[dict], None] | None = None,
+        batch_size: int | None = 64,
     ):
         """Sample images, returned in [0, 1].
 
@@ -262,7 +263,17 @@ class Pipeline:
         ``sampler`` overrides the configured one by name or ``{name: ..., **params}``.
         ``output_type``: ``"pt"`` → ``[B, C, H, W]`` float tensor on the CPU; ``"np"`` →
         ``[B, H, W, C]`` float array; ``"pil"`` → list of PIL images.
+
+        ``batch_size``: images denoised together (None: all at once); with guidance each forward
+        sees twice as many. The default 64 keeps 1,000 guided 28×28 digits well under 1 GiB of
+        peak RSS on a CPU (128 comes close to it). x_T is drawn for all images first, so chunking
+        does not change (beyond float rounding) the images of a deterministic sampler (DDIM with
+        eta 0, DPM-Solver++), nor of any sampler given one generator per image; a stochastic
+        sampler sharing one generator draws its per-step noise chunk after chunk. ``callback``
+        is called for every step of every chunk.
         """
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
         if output_type not in ("pt", "np", "pil"):
             raise ValueError(f"output_type must be 'pt', 'np' or 'pil', got {output_type!r}")
         if generator is not None and seed is not None:
@@ -295,19 +306,30 @@ class Pipeline:
                 "classifier-free guidance with a model trained without condition dropout (train.p_uncond = 0): "
                 "its unconditional predictions are untrained", stacklevel=2,
             )
-        model_fn = guided_model_fn(model, cond, uncond, guidance_scale)
         shape = (num_images, *self.image_shape)
         if latents is None:  # drawn on the CPU, so a seed gives the same images on every device
             latents = _randn(shape, generator)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        samples = sampler_stage.sample(
-            model_fn, shape, num_inference_steps=num_inference_steps, generator=generator,
-            latents=latents.to(run_device), callback=callback,
-        )
-        if self.vae is not None:
-            samples = self.vae.decode(samples.to(_module_device(self.vae)))
-        images = ((samples.float().cpu() + 1) / 2).clamp(0, 1)
+        chunk_size = batch_size or num_images
+        chunks = []
+        for start in range(0, num_images, chunk_size):
+            chunk = slice(start, start + chunk_size)
+            model_fn = guided_model_fn(
+                model, {k: v[chunk] for k, v in cond.items()}, {k: v[chunk] for k, v in uncond.items()}, guidance_scale
+            )
+            chunk_latents = latents[chunk].to(run_device)
+            # inference_mode skips autograd's version counting (no_grad does not); the same numbers.
+            with torch.inference_mode():
+                samples = sampler_stage.sample(
+                    model_fn, tuple(chunk_latents.shape), num_inference_steps=num_inference_steps,
+                    generator=generator[chunk] if isinstance(generator, list) else generator,
+                    latents=chunk_latents, callback=callback,
+                )
+                if self.vae is not None:
+                    samples = self.vae.decode(samples.to(_module_device(self.vae)))
+                chunks.append(((samples.float().cpu() + 1) / 2).clamp(0, 1))
+        images = torch.cat(chunks)  # outside inference mode: an ordinary tensor the caller may modify
         return _convert(images, output_type)
 
     def _class_labels(self, class_labels, num_images: int | None) -> torch.Tensor | None:

@@ -70,6 +70,15 @@ class TestDDIMStochasticOnCosine(SamplerConformance):
     num_inference_steps = 7
 
 
+
+class TestDPMSolverPP(SamplerConformance):
+    name = "dpm_solver_pp"
+
+
+class TestDPMSolverPPTrailingSigmaMin(SamplerConformance):
+    name = "dpm_solver_pp"
+    params = {"timestep_spacing": "trailing", "final_sigmas_type": "sigma_min"}
+
 def test_every_built_in_schedule_model_and_sampler_is_checked_here():
     suites = {"schedule": ScheduleConformance, "model": ModelConformance, "sampler": SamplerConformance}
     checked = {

@@ -126,6 +126,59 @@ def test_generate_equals_a_diffusers_ddim_loop_with_the_same_seed(tiny_pipeline)
     assert (images - ((x + 1) / 2).clamp(0, 1)).abs().max() < 1e-5
 
 
+def test_guided_dpm_solver_pp_equals_a_two_pass_diffusers_loop():
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = minild.Pipeline.from_config(tiny_config(model={"num_classes": 10}))
+    pipe.train(max_steps=2)
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=100, trained_betas=pipe.schedule.betas.numpy(), solver_order=2,
+        algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True, timestep_spacing="linspace",
+        final_sigmas_type="zero", prediction_type="epsilon", thresholding=False,
+    )
+    scheduler.set_timesteps(10)
+    labels, null = torch.tensor([3, 8]), torch.tensor([10, 10])
+    x = torch.randn((2, 1, 28, 28), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for t in scheduler.timesteps:  # the hand-written CFG loop: a conditional and an unconditional pass
+            eps_cond = pipe.model(x, t.repeat(2), class_labels=labels)
+            eps_uncond = pipe.model(x, t.repeat(2), class_labels=null)
+            x = scheduler.step(eps_uncond + 3.0 * (eps_cond - eps_uncond), t, x).prev_sample
+    images = pipe.generate(
+        class_labels=[3, 8], guidance_scale=3.0, num_inference_steps=10, sampler="dpm_solver_pp", seed=5
+    )
+    assert (images - ((x + 1) / 2).clamp(0, 1)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm_solver_pp"])
+def test_chunked_generation_equals_one_batch_for_the_same_seed(sampler):
+    pipe = minild.Pipeline.from_config(tiny_config(model={"num_classes": 10}))
+    labels = [0, 1, 2, 3, 4, 5, 6]
+    kwargs = dict(class_labels=labels, guidance_scale=3.0, num_inference_steps=4, sampler=sampler, seed=11)
+    whole = pipe.generate(**kwargs, batch_size=None)
+    chunked = pipe.generate(**kwargs, batch_size=3)  # chunks of 3, 3 and 1
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)  # convolutions round per batch size
+
+
+def test_chunked_stochastic_sampling_with_per_image_generators_equals_one_batch():
+    pipe = minild.Pipeline.from_config(tiny_config())
+    generators = lambda: [torch.Generator().manual_seed(seed) for seed in range(5)]  # noqa: E731
+    kwargs = dict(num_inference_steps=5, sampler="ddpm")
+    whole = pipe.generate(5, generator=generators(), batch_size=None, **kwargs)
+    chunked = pipe.generate(5, generator=generators(), batch_size=2, **kwargs)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)  # convolutions round per batch size
+
+
+def test_generate_denoises_at_most_batch_size_images_per_forward():
+    pipe = minild.Pipeline.from_config(tiny_config(model={"num_classes": 10}))
+    sizes = []
+    pipe.model.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[0]))
+    pipe.generate(class_labels=[1] * 5, guidance_scale=2.0, num_inference_steps=2, seed=0, batch_size=2)
+    assert sizes == [4, 4, 4, 4, 2, 2]  # cond + uncond halves of chunks of 2, 2 and 1
+    with pytest.raises(ValueError, match="batch_size must be a positive integer or None"):
+        pipe.generate(2, batch_size=0)
+
+
 @pytest.fixture
 def text_pipeline(tiny_clip_dir, offline):
     config = tiny_config(
@@ -176,3 +229,11 @@ def test_text_encoder_width_must_match_the_model(tiny_clip_dir, offline):
     )
     with pytest.raises(ValueError, match="gives 32-d embeddings but model.cross_attention_dim is 16"):
         minild.Pipeline.from_config(config)
+
+
+def test_generated_images_are_ordinary_tensors_and_training_continues_after_generate():
+    pipe = minild.Pipeline.from_config(tiny_config())
+    images = pipe.generate(2, num_inference_steps=2, seed=0)
+    images.mul_(2)  # an inference-mode tensor would refuse this
+    assert not images.is_inference()
+    assert pipe.train(max_steps=1).steps == 1 and not next(pipe.model.parameters()).is_inference()

@@ -1,14 +1,16 @@
-"""Built-in samplers: DDPM ancestral sampling and DDIM, each exact against diffusers."""
+"""Built-in samplers: DDPM ancestral sampling, DDIM and DPM-Solver++(2M), each exact against diffusers."""
 
 from minild import hookimpl
 
 from .ddim import DDIMSampler
 from .ddpm import DDPMSampler
+from .dpm_solver import DPMSolverPPSampler
 
-__all__ = ["DDIMSampler", "DDPMSampler"]
+__all__ = ["DDIMSampler", "DDPMSampler", "DPMSolverPPSampler"]
 
 
 @hookimpl
 def register_samplers(register):
     register("ddpm", DDPMSampler)
     register("ddim", DDIMSampler)
+    register("dpm_solver_pp", DPMSolverPPSampler)

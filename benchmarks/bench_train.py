@@ -1,0 +1,152 @@
+"""Training speed on a CPU: images/s and achieved GFLOP/s of a training step of the default
+digit model (configs/digits_class_cfg.yaml) through ``Pipeline.train``, beside a hand-written
+loop of the same model (the pipeline's overhead), the seeds' Lab 2.6.1 recipe, and a large
+fp32 matmul (what the machine can do). Prints a Markdown table.
+
+    python benchmarks/bench_train.py            # about 5 minutes
+    python benchmarks/bench_train.py --quick    # a few seconds: checks that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+import torch.nn.functional as F
+
+import minild
+from _common import (
+    count_parameters,
+    default_config,
+    machine_line,
+    markdown_table,
+    matmul_gflops,
+    median,
+    peak_rss_mib,
+    seed_recipe_config,
+    train_step_flops,
+)
+from minild.data import load_dataset
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few steps per variant, to check the script runs")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds; each runs every variant once, interleaved")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per variant and round")
+    parser.add_argument("--matmul-size", type=int, default=2048)
+    args = parser.parse_args()
+    rounds, steps = (2, 3) if args.quick else (args.rounds, args.steps)
+
+    dataset = load_dataset("digits", split="train")
+    config = default_config()
+    config["train"]["hooks"] = [h for h in config["train"]["hooks"] if h != "progress"]  # keep the EMA, no bar
+    pipe = minild.Pipeline.from_config(config)
+    num_classes = pipe.model.num_classes
+    seed_config = seed_recipe_config(count_parameters(pipe.model))
+    seed_pipe = minild.Pipeline.from_config(seed_config)
+    train = pipe.config.train
+
+    same_model = ("minild Pipeline.train", "hand-written loop, same model")
+    variants = {
+        "minild Pipeline.train": PipelineRun(pipe, dataset),
+        "hand-written loop, same model": BareLoop(
+            pipe.model, pipe.schedule, dataset, batch_size=train.batch_size, lr=train.lr,
+            p_uncond=train.p_uncond, num_classes=num_classes, ema_decay=0.999,
+        ),
+        "seed recipe (Lab 2.6.1), hand-written": BareLoop(
+            seed_pipe.model, seed_pipe.schedule, dataset, batch_size=seed_pipe.config.train.batch_size,
+            lr=seed_pipe.config.train.lr, p_uncond=0.0, num_classes=None, ema_decay=None,
+        ),
+    }
+    flops = {
+        name: train_step_flops(run.model, run.batch_size, dataset.image_shape,
+                               num_classes=num_classes if name in same_model else None)
+        for name, run in variants.items()
+    }
+    for run in variants.values():  # warm-up: first-call allocations and kernel selection
+        run(1)
+    seconds = {name: [] for name in variants}
+    matmul = []
+    for _ in range(rounds):
+        for name, run in variants.items():
+            seconds[name].append(run(steps) / steps)
+        matmul.append(matmul_gflops(args.matmul_size, 1.0 if args.quick else 3.0))
+
+    matmul_rate = median(matmul)
+    bare = median(seconds["hand-written loop, same model"])
+    rows = []
+    for name, run in variants.items():
+        step = median(seconds[name])
+        gflops = flops[name] / step / 1e9
+        overhead = f"{100 * (step / bare - 1):+.1f}%" if name in same_model else "—"
+        rows.append([
+            name, f"{count_parameters(run.model):,}", run.batch_size, f"{run.batch_size / step:.0f}",
+            f"{flops[name] / 1e9:.2f}", f"{gflops:.1f}", f"{100 * gflops / matmul_rate:.0f}%", overhead,
+        ])
+    rows.append([f"fp32 matmul {args.matmul_size}²", "—", "—", "—", "—", f"{matmul_rate:.1f}", "100%", "—"])
+    print(f"## Training step ({'quick check, not a measurement' if args.quick else 'measured'})\n")
+    print(f"{machine_line()}; median of {rounds} interleaved rounds of {steps} steps per variant.\n"
+          f"Default model: {pipe.config.model.to_dict()}; seed recipe: base_channels "
+          f"{seed_config['model']['base_channels']}, cosine schedule, batch 128, AdamW 3e-4, no EMA.\n")
+    print(markdown_table(
+        ["variant", "parameters", "batch", "img/s", "GFLOP/step", "GFLOP/s", "of matmul", "vs hand-written"], rows,
+    ))
+    print(f"\nPeak RSS: {peak_rss_mib():.0f} MiB")
+
+
+class PipelineRun:
+    """``Pipeline.train`` for a number of steps (hooks of the config but the progress bar)."""
+
+    def __init__(self, pipe: minild.Pipeline, dataset):
+        self.pipe, self.dataset = pipe, dataset
+        self.model, self.batch_size = pipe.model, pipe.config.train.batch_size
+
+    def __call__(self, steps: int) -> float:
+        return self.pipe.train(self.dataset, max_steps=steps).seconds
+
+
+class BareLoop:
+    """The training step written by hand, as a tutorial does: random batch, condition dropout,
+    q(x_t | x_0), eps-MSE, AdamW, gradient clipping at 1.0, optional EMA; channels_last."""
+
+    def __init__(self, model, schedule, dataset, *, batch_size, lr, p_uncond, num_classes, ema_decay):
+        self.model = copy.deepcopy(model).to(memory_format=torch.channels_last).train()
+        self.source_model = model
+        self.batch_size, self.p_uncond, self.num_classes = batch_size, p_uncond, num_classes
+        self.images, self.labels = dataset.images, torch.as_tensor(dataset.labels)
+        self.alphas_cumprod = schedule.alphas_cumprod
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr)
+        self.ema_decay = ema_decay
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if ema_decay else None
+
+    def __call__(self, steps: int) -> float:
+        model, optimizer = self.model, self.optimizer
+        start = time.perf_counter()
+        for _ in range(steps):
+            index = torch.randint(0, len(self.images), (self.batch_size,))
+            x0 = self.images[index].contiguous(memory_format=torch.channels_last)
+            kwargs = {}
+            if self.num_classes is not None:
+                drop = torch.rand(self.batch_size) < self.p_uncond
+                kwargs["class_labels"] = torch.where(drop, self.num_classes, self.labels[index])
+            t = torch.randint(0, len(self.alphas_cumprod), (self.batch_size,))
+            noise = torch.randn_like(x0)
+            alpha_prod = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+            x_t = alpha_prod.sqrt() * x0 + (1 - alpha_prod).sqrt() * noise
+            loss = F.mse_loss(model(x_t, t, **kwargs), noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            if self.ema is not None:
+                torch._foreach_lerp_(list(self.ema.parameters()), list(model.parameters()), 1 - self.ema_decay)
+            loss.item()
+        return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    with torch.inference_mode(False):
+        main()
