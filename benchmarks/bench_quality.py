@@ -32,7 +32,6 @@ def main() -> None:
     minutes, per_class, steps = ([0.05, 0.1], 5, 5) if args.quick else (sorted(args.minutes), args.per_class, args.steps)
 
     default = default_config()
-    default["train"]["hooks"] = [h for h in default["train"]["hooks"] if h != "progress"]
     target = count_parameters(minild.Pipeline.from_config(default).model)
     recipes = {"minild default (digits_class_cfg)": default, "seed recipe (Lab 2.6.1)": seed_recipe_config(target, num_classes=10)}
 

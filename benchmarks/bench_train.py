@@ -42,7 +42,6 @@ def main() -> None:
 
     dataset = load_dataset("digits", split="train")
     config = default_config()
-    config["train"]["hooks"] = [h for h in config["train"]["hooks"] if h != "progress"]  # keep the EMA, no bar
     pipe = minild.Pipeline.from_config(config)
     num_classes = pipe.model.num_classes
     seed_config = seed_recipe_config(count_parameters(pipe.model))
