@@ -17,8 +17,14 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 KERNEL_NAME = "minild-tests"
 
 
+@pytest.fixture(scope="session")
+def classifier_cache(tmp_path_factory) -> Path:
+    """One MINILD_CACHE for every notebook: the quick digit classifier trains once, not per lab."""
+    return tmp_path_factory.mktemp("minild-cache")
+
+
 @pytest.fixture
-def quick_kernel(tmp_path, monkeypatch) -> str:
+def quick_kernel(tmp_path, monkeypatch, classifier_cache) -> str:
     """A kernelspec running this interpreter, and the quick-mode environment the kernel inherits."""
     kernel_dir = tmp_path / "jupyter" / "kernels" / KERNEL_NAME
     kernel_dir.mkdir(parents=True)
@@ -27,7 +33,7 @@ def quick_kernel(tmp_path, monkeypatch) -> str:
     (kernel_dir / "kernel.json").write_text(json.dumps(spec))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("MINILD_QUICK", "1")
-    monkeypatch.setenv("MINILD_CACHE", str(tmp_path / "cache"))  # the digit classifier trains here
+    monkeypatch.setenv("MINILD_CACHE", str(classifier_cache))  # the digit classifier trains here
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models; threads only fight over busy cores
     return KERNEL_NAME
@@ -40,9 +46,9 @@ def execute(notebook: nbformat.NotebookNode, kernel_name: str) -> None:
     client.execute()  # raises CellExecutionError, naming the cell, when one fails
 
 
-def test_the_three_labs_are_present():
-    assert [path.name for path in NOTEBOOKS][:3] == [
-        "01_diffusion_theory.ipynb", "02_ddpm_digits.ipynb", "03_cfg_digits.ipynb",
+def test_the_labs_are_present():
+    assert [path.name for path in NOTEBOOKS][:4] == [
+        "01_diffusion_theory.ipynb", "02_ddpm_digits.ipynb", "03_cfg_digits.ipynb", "04_latent_digits.ipynb",
     ]
 
 
