@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import string
-
 import huggingface_hub.constants
 import pytest
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
 import minild
+from minild.tiny_sdxl import build_tiny_sdxl, write_tiny_clip_tokenizer
 
 
 # Tiny versions of every built-in eps-model: a forward pass takes milliseconds.
@@ -71,72 +69,19 @@ def offline(monkeypatch):
 def tiny_clip_dir(tmp_path_factory):
     """A CLIP tokenizer over single printable characters and a 2-layer, 32-d CLIPTextModel."""
     directory = tmp_path_factory.mktemp("tiny_clip")
-    characters = [c for c in string.printable if not c.isspace()]
-    tokens = characters + [c + "</w>" for c in characters] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {token: i for i, token in enumerate(tokens)}
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(
-        vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"), model_max_length=77
-    )
+    tokenizer = write_tiny_clip_tokenizer(directory)
     config = CLIPTextConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-        vocab_size=len(vocab), max_position_embeddings=77,
-        bos_token_id=vocab["<|startoftext|>"],
-        eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
+        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
-    tokenizer.save_pretrained(directory)
     CLIPTextModel(config).save_pretrained(directory)
     return directory
 
 
-# SDXL base's scheduler_config.json: Euler, scaled-linear betas, "leading" spacing with offset 1, and
-# the DDIM fields (set_alpha_to_one, clip_sample) that other schedulers read through from_config.
-SDXL_SCHEDULER_CONFIG = {
-    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000,
-    "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True,
-    "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
-}
-
-
 @pytest.fixture(scope="session")
-def tiny_sdxl_dir(tmp_path_factory, tiny_clip_dir):
-    """A random SDXL pipeline with SDXL's layout and scheduler, small enough for 64×64 in a second.
-
-    Two CLIP text encoders (32-d hidden states each, concatenated to the UNet's 64-d context; the
-    second with a 32-d pooled projection), a UNet with SDXL's "text_time" addition embedding
-    (6 size/crop numbers × 8 + the 32-d pooled text = 80) and a two-level VAE (64 px ↔ 32² latents).
-    """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModelWithProjection
-
-    directory = tmp_path_factory.mktemp("tiny_sdxl")
-    tokenizer = CLIPTokenizer.from_pretrained(tiny_clip_dir)
-    text_config = CLIPTextConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, projection_dim=32,
-        vocab_size=len(tokenizer), max_position_embeddings=77, hidden_act="gelu",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 1),
-        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=80, norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8, sample_size=64,
-    )
-    pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=CLIPTextModel(text_config), text_encoder_2=CLIPTextModelWithProjection(text_config),
-        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
-        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
-    )
-    pipe.save_pretrained(directory, safe_serialization=True)
-    return directory
+def tiny_sdxl_dir(tmp_path_factory):
+    """A random SDXL pipeline with SDXL's layout and scheduler, small enough for 64×64 in a second
+    (``minild.tiny_sdxl.build_tiny_sdxl``, which the prompt-lab notebook runs offline too)."""
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))

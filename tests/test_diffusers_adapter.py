@@ -7,8 +7,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionXLPi
 
 import minild
 from minild.diffusers_adapter import MinildScheduler, make_scheduler, scheduler_names
-
-from .conftest import SDXL_SCHEDULER_CONFIG
+from minild.tiny_sdxl import SDXL_BASE_SCHEDULER_CONFIG
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +26,7 @@ def sdxl_pipe(tiny_sdxl_dir):
 
 
 def sdxl_config():
-    return EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG).config
+    return EulerDiscreteScheduler.from_config(SDXL_BASE_SCHEDULER_CONFIG).config
 
 
 def generate(pipe, scheduler, **kwargs):
@@ -103,7 +102,7 @@ def test_adapter_steps_follow_set_begin_index():
 )
 def test_unsupported_scheduler_configs_are_refused(change, message):
     with pytest.raises(ValueError, match=message):
-        make_scheduler("minild:ddim", {**SDXL_SCHEDULER_CONFIG, **change})
+        make_scheduler("minild:ddim", {**SDXL_BASE_SCHEDULER_CONFIG, **change})
 
 
 def test_sampler_without_an_option_the_config_needs_is_refused():
@@ -112,7 +111,7 @@ def test_sampler_without_an_option_the_config_needs_is_refused():
 
 
 def test_sampler_without_a_step_interface_is_refused():
-    config = {**SDXL_SCHEDULER_CONFIG, "steps_offset": 0, "set_alpha_to_one": True}
+    config = {**SDXL_BASE_SCHEDULER_CONFIG, "steps_offset": 0, "set_alpha_to_one": True}
     with pytest.raises(ValueError, match="no timesteps\\(\\) method"):
         make_scheduler("minild:ddpm", config)
 

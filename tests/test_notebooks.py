@@ -35,6 +35,7 @@ def quick_kernel(tmp_path, monkeypatch, classifier_cache) -> str:
     monkeypatch.setenv("MINILD_QUICK", "1")
     monkeypatch.setenv("MINILD_CACHE", str(classifier_cache))  # the digit classifier trains here
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("MINILD_SDXL_MODEL", raising=False)  # the prompt lab builds its tiny offline SDXL
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models; threads only fight over busy cores
     return KERNEL_NAME
 
@@ -47,8 +48,9 @@ def execute(notebook: nbformat.NotebookNode, kernel_name: str) -> None:
 
 
 def test_the_labs_are_present():
-    assert [path.name for path in NOTEBOOKS][:4] == [
+    assert [path.name for path in NOTEBOOKS] == [
         "01_diffusion_theory.ipynb", "02_ddpm_digits.ipynb", "03_cfg_digits.ipynb", "04_latent_digits.ipynb",
+        "05_sdxl_prompt_lab.ipynb",
     ]
 
 
