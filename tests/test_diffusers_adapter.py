@@ -10,12 +10,7 @@ from minild.diffusers_adapter import MinildScheduler, make_scheduler, scheduler_
 from minild.tiny_sdxl import SDXL_BASE_SCHEDULER_CONFIG
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

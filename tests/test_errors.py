@@ -18,12 +18,7 @@ from tests.conftest import tiny_config
 from tests.test_train import tiny_dataset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; see tests/conftest.py
 
 
 def write_config(tmp_path, config, name="run.yaml"):

@@ -18,12 +18,7 @@ GUIDANCE = [1.0, 5.0]
 SEEDS = [0, 1, 2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,8 @@ import torch
 GeneratorOrList = torch.Generator | Sequence[torch.Generator] | None
 
 
-def leading_timesteps(num_timesteps: int, num_inference_steps: int, steps_offset: int = 0) -> list[int]:
-    """diffusers' "leading" spacing: T//n·(n−1), …, T//n, 0, each plus ``steps_offset``.
-
-    1000 steps of 1000 give 999, 998, …, 0; 50 give 980, 960, …, 0 (981, …, 1 with the offset 1
-    that Stable Diffusion and SDXL use).
-    """
+def check_num_inference_steps(num_inference_steps, num_timesteps: int) -> None:
+    """An integer in [1, num_timesteps], or a ValueError that says so."""
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
         raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}")
     if not 1 <= num_inference_steps <= num_timesteps:
@@ -25,6 +21,15 @@ def leading_timesteps(num_timesteps: int, num_inference_steps: int, steps_offset
             f"num_inference_steps must lie in [1, {num_timesteps}] (the schedule's num_timesteps), "
             f"got {num_inference_steps}"
         )
+
+
+def leading_timesteps(num_timesteps: int, num_inference_steps: int, steps_offset: int = 0) -> list[int]:
+    """diffusers' "leading" spacing: T//n·(n−1), …, T//n, 0, each plus ``steps_offset``.
+
+    1000 steps of 1000 give 999, 998, …, 0; 50 give 980, 960, …, 0 (981, …, 1 with the offset 1
+    that Stable Diffusion and SDXL use).
+    """
+    check_num_inference_steps(num_inference_steps, num_timesteps)
     step_ratio = num_timesteps // num_inference_steps
     timesteps = [i * step_ratio + steps_offset for i in reversed(range(num_inference_steps))]
     if timesteps[0] >= num_timesteps:

@@ -12,7 +12,7 @@ import torch
 
 from minild import NoiseSchedule
 
-from .common import GeneratorOrList, check_choice, initial_latents
+from .common import GeneratorOrList, check_choice, check_num_inference_steps, initial_latents
 
 TIMESTEP_SPACINGS = ("linspace", "trailing")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
@@ -43,13 +43,7 @@ class DPMSolverPPSampler:
     def timesteps(self, num_inference_steps: int) -> list[int]:
         """The n training timesteps the chain visits, from T−1 down."""
         num_timesteps = self.schedule.num_timesteps
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
-            raise ValueError(f"num_inference_steps must be an integer, got {num_inference_steps!r}")
-        if not 1 <= num_inference_steps <= num_timesteps:
-            raise ValueError(
-                f"num_inference_steps must lie in [1, {num_timesteps}] (the schedule's num_timesteps), "
-                f"got {num_inference_steps}"
-            )
+        check_num_inference_steps(num_inference_steps, num_timesteps)
         if self.timestep_spacing == "linspace":
             # np.round, as diffusers: halves go to even (linspace(0, 999, 21) has 49.95 → 50, 99.9 → 100, …).
             steps = np.linspace(0, num_timesteps - 1, num_inference_steps + 1).round()[::-1][:-1]
