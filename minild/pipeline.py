@@ -402,11 +402,7 @@ def _check_latent_channels(config: PipelineConfig, vae) -> None:
             f"vae {config.vae.name!r} has no integer latent_channels attribute, which minild.hookspecs."
             "register_vaes asks of every VAE: fix the plugin that registers it"
         )
-    in_channels = config.model.params.get("in_channels")
-    if in_channels is None:
-        factory = plugins.lookup("model", config.model.name).factory
-        parameter = inspect.signature(factory).parameters.get("in_channels")
-        in_channels = None if parameter is None else parameter.default
+    in_channels = _model_in_channels(config.model)
     if in_channels != vae.latent_channels:
         raise ValueError(
             f"vae {config.vae.name!r} makes {vae.latent_channels}-channel latents but the model "

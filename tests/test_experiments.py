@@ -22,7 +22,7 @@ from minild.experiments import (
     run_prompt_digits,
 )
 from tests.conftest import tiny_config
-from tests.test_metrics import QUICK_TRAIN_STEPS, one_thread, quick_classifier_cache
+from tests.test_metrics import QUICK_TRAIN_STEPS, quick_classifier_cache
 CELL = 28 + 2  # an image and make_grid's padding
 
 
@@ -58,10 +58,7 @@ def _digit_named_in(prompt: str) -> int:
     raise ValueError(f"no digit in {prompt!r}")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; see tests/conftest.py
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -39,21 +38,7 @@ def quick_classifier_cache(tmp_path_factory) -> Path:
     return _quick_caches[id(tmp_path_factory)]
 
 
-@contextlib.contextmanager
-def one_thread():
-    """A small CNN gains little from a second thread, and one keeps the timings steady on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; see tests/conftest.py
 
 
 @pytest.fixture(scope="session")
