@@ -33,7 +33,15 @@ def machine_line() -> str:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set size so far (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    """This process's peak resident set size so far. On Linux it is VmHWM of /proc/self/status:
+    ``ru_maxrss`` carries over a parent's peak into a child it starts (fork, then exec), so a
+    small child of a big parent would report the parent's number. Elsewhere ``ru_maxrss``
+    (bytes on macOS)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
@@ -86,16 +94,20 @@ def seed_recipe_config(target_parameters: int, *, num_classes: int | None = None
     }
 
 
-def train_step_flops(model: torch.nn.Module, batch_size: int, image_shape, *, num_classes: int | None) -> int:
+def train_step_flops(model: torch.nn.Module, batch_size: int, image_shape, *, num_classes: int | None,
+                     only: str | None = None) -> int:
     """FLOPs of one forward + backward of the eps-MSE at ``batch_size`` (the optimizer's
-    elementwise update is not counted: FlopCounterMode counts matmuls and convolutions)."""
+    elementwise update is not counted: FlopCounterMode counts matmuls and convolutions);
+    ``only``: count just the ops whose name contains it (``"convolution"``)."""
     model = copy.deepcopy(model).train()
     x = torch.randn(batch_size, *image_shape)
     t = torch.randint(0, 1000, (batch_size,))
     kwargs = {"class_labels": torch.randint(0, num_classes + 1, (batch_size,))} if num_classes else {}
     with FlopCounterMode(display=False) as counter:
         F.mse_loss(model(x, t, **kwargs), torch.randn_like(x)).backward()
-    return counter.get_total_flops()
+    if only is None:
+        return counter.get_total_flops()
+    return sum(count for op, count in counter.get_flop_counts()["Global"].items() if only in str(op))
 
 
 def forward_flops(model: torch.nn.Module, batch_size: int, image_shape, *, num_classes: int | None) -> int:

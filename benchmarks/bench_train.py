@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="rounds; each runs every variant once, interleaved")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per variant and round")
     parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--widths", type=int, nargs="*", default=[64],
+                        help="also time the default recipe at these base_channels (wider convolutions run nearer the matmul rate)")
     args = parser.parse_args()
     rounds, steps = (2, 3) if args.quick else (args.rounds, args.steps)
 
@@ -60,9 +62,20 @@ def main() -> None:
             lr=seed_pipe.config.train.lr, p_uncond=0.0, num_classes=None, ema_decay=None,
         ),
     }
+    conditional = set(same_model)
+    for width in args.widths:
+        wide = default_config()
+        wide["model"]["base_channels"] = width
+        wide_pipe = minild.Pipeline.from_config(wide)
+        name = f"hand-written loop, base_channels {width}"
+        variants[name] = BareLoop(
+            wide_pipe.model, wide_pipe.schedule, dataset, batch_size=train.batch_size, lr=train.lr,
+            p_uncond=train.p_uncond, num_classes=num_classes, ema_decay=0.999,
+        )
+        conditional.add(name)
     flops = {
         name: train_step_flops(run.model, run.batch_size, dataset.image_shape,
-                               num_classes=num_classes if name in same_model else None)
+                               num_classes=num_classes if name in conditional else None)
         for name, run in variants.items()
     }
     for run in variants.values():  # warm-up: first-call allocations and kernel selection
@@ -95,6 +108,43 @@ def main() -> None:
     ))
     print(f"\nPeak RSS: {peak_rss_mib():.0f} MiB")
 
+    bare_loop = variants["hand-written loop, same model"]
+    conv_flops = train_step_flops(bare_loop.model, bare_loop.batch_size, dataset.image_shape,
+                                  num_classes=num_classes, only="convolution")
+    print(f"\n## Where a step of the default model goes (torch.profiler, {2 if args.quick else 20} steps of the "
+          "hand-written loop)\n")
+    print(markdown_table(["ops", "share of step", "ms per step", "GFLOP/s", "of matmul"],
+                         profile_rows(bare_loop, 2 if args.quick else 20, conv_flops, matmul_rate)))
+
+
+# Profiler op names → the kind of work they do; the first matching pattern wins.
+OP_KINDS = [
+    ("convolutions (forward and backward)", ("convolution",)),
+    ("GroupNorm (forward and backward)", ("group_norm",)),
+    ("SiLU (forward and backward)", ("silu",)),
+    ("AdamW, EMA, gradient clipping", ("adam", "lerp", "norm", "foreach", "clamp")),
+    ("adds, muls, concatenations, copies", ("add", "mul", "cat", "copy", "sum", "fill", "zero", "where", "sub", "div")),
+]
+
+
+def profile_rows(run: "BareLoop", steps: int, conv_flops: int, matmul_rate: float) -> list[list]:
+    """Self CPU time of every op of ``steps`` training steps, by kind, with the convolutions'
+    own GFLOP/s: the most the step could reach if everything else took no time."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        run(steps)
+    totals = {kind: 0.0 for kind, _ in OP_KINDS} | {"everything else": 0.0}
+    for event in profiler.key_averages():
+        name = event.key.lower()
+        kind = next((kind for kind, patterns in OP_KINDS if any(p in name for p in patterns)), "everything else")
+        totals[kind] += event.self_cpu_time_total / 1e6 / steps  # µs → s per step
+    step = sum(totals.values())
+    rows = []
+    for kind, seconds in totals.items():
+        rate = [f"{conv_flops / seconds / 1e9:.1f}", f"{100 * conv_flops / seconds / 1e9 / matmul_rate:.0f}%"] \
+            if kind.startswith("convolutions") else ["—", "—"]
+        rows.append([kind, f"{100 * seconds / step:.0f}%", f"{1000 * seconds:.1f}", *rate])
+    return rows
+
 
 class PipelineRun:
     """``Pipeline.train`` for a number of steps (hooks of the config but the progress bar)."""
@@ -109,7 +159,7 @@ class PipelineRun:
 
 class BareLoop:
     """The training step written by hand, as a tutorial does: random batch, condition dropout,
-    q(x_t | x_0), eps-MSE, AdamW, gradient clipping at 1.0, optional EMA; channels_last."""
+    q(x_t | x_0), eps-MSE, AdamW (fused, as minild), gradient clipping at 1.0, optional EMA; channels_last."""
 
     def __init__(self, model, schedule, dataset, *, batch_size, lr, p_uncond, num_classes, ema_decay):
         self.model = copy.deepcopy(model).to(memory_format=torch.channels_last).train()
@@ -117,7 +167,7 @@ class BareLoop:
         self.batch_size, self.p_uncond, self.num_classes = batch_size, p_uncond, num_classes
         self.images, self.labels = dataset.images, torch.as_tensor(dataset.labels)
         self.alphas_cumprod = schedule.alphas_cumprod
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, fused=True)  # as Pipeline.train
         self.ema_decay = ema_decay
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if ema_decay else None
 

