@@ -35,6 +35,19 @@ def _draw(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator |
     return mean + torch.exp(0.5 * logvar) * noise
 
 
+def _latent_shape(vae, name: str, image_shape, hint: str = "") -> tuple[int, int, int]:
+    """The [C, H, W] latents ``vae`` makes of ``image_shape`` images; refuses images of another
+    channel count or with sides its downsampling does not divide."""
+    channels, height, width = image_shape
+    factor = vae.downsample_factor
+    if channels != vae.in_channels or height % factor or width % factor:
+        raise ValueError(
+            f"{name} takes {vae.in_channels}-channel images with sides divisible by {factor}, "
+            f"got {tuple(image_shape)}{hint}"
+        )
+    return (vae.latent_channels, height // factor, width // factor)
+
+
 # ---------------------------------------------------------------------------
 # diffusers' AutoencoderKL
 # ---------------------------------------------------------------------------
@@ -72,14 +85,7 @@ class AutoencoderKLStage(nn.Module):
         self.in_channels = config.in_channels
 
     def latent_shape(self, image_shape) -> tuple[int, int, int]:
-        channels, height, width = image_shape
-        factor = self.downsample_factor
-        if channels != self.in_channels or height % factor or width % factor:
-            raise ValueError(
-                f"autoencoder_kl takes {self.in_channels}-channel images with sides divisible by {factor}, "
-                f"got {tuple(image_shape)}: set data.channels / data.image_size to fit"
-            )
-        return (self.latent_channels, height // factor, width // factor)
+        return _latent_shape(self, "autoencoder_kl", image_shape, hint=": set data.channels / data.image_size to fit")
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -198,14 +204,7 @@ class DigitsVAE(nn.Module):
         self.eval()
 
     def latent_shape(self, image_shape) -> tuple[int, int, int]:
-        channels, height, width = image_shape
-        factor = self.downsample_factor
-        if channels != self.in_channels or height % factor or width % factor:
-            raise ValueError(
-                f"digits_vae takes {self.in_channels}-channel images with sides divisible by {factor}, "
-                f"got {tuple(image_shape)}"
-            )
-        return (self.latent_channels, height // factor, width // factor)
+        return _latent_shape(self, "digits_vae", image_shape)
 
     def posterior_parameters(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images ``[B, C, H, W]`` in [-1, 1] → (mean, log-variance), each ``[B, c, h, w]``, unscaled."""

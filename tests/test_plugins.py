@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,16 +99,21 @@ def register_samplers(register):
 '''
 
 
+def write_dist_info(site: Path, name: str, version: str, entry_points: str) -> None:
+    """What pip leaves in ``site`` for distribution ``name``: METADATA and ``[minild]`` entry points."""
+    dist_info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (dist_info / "entry_points.txt").write_text(f"[minild]\n{entry_points}")
+
+
 @pytest.fixture
 def external_plugin(tmp_path, monkeypatch):
     """An installed-looking package (dist-info with an entry point) on sys.path."""
     package = tmp_path / "minild_one_step"
     package.mkdir()
     (package / "__init__.py").write_text(EXTERNAL_PLUGIN)
-    dist_info = tmp_path / "minild_one_step-0.3.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: minild-one-step\nVersion: 0.3\n")
-    (dist_info / "entry_points.txt").write_text("[minild]\none_step = minild_one_step\n")
+    write_dist_info(tmp_path, "minild-one-step", "0.3", "one_step = minild_one_step\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     plugins.reset_plugin_manager()
     yield tmp_path
@@ -138,10 +144,7 @@ def test_allow_list_env_var_limits_third_party_plugins(external_plugin, monkeypa
 
 
 def test_plugin_that_fails_to_import_is_reported_and_skipped(external_plugin):
-    dist_info = external_plugin / "minild_broken-1.0.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: minild-broken\nVersion: 1.0\n")
-    (dist_info / "entry_points.txt").write_text("[minild]\nbroken = minild_broken_module_that_does_not_exist\n")
+    write_dist_info(external_plugin, "minild-broken", "1.0", "broken = minild_broken_module_that_does_not_exist\n")
     plugins.reset_plugin_manager()
     with pytest.warns(UserWarning, match="minild plugin 'broken' .* failed to load"):
         samplers = minild.available("sampler")
@@ -164,10 +167,7 @@ def test_cli_plugins_lists_kind_name_plugin_and_package(external_plugin):
 def plugin_raising_on_import(external_plugin):
     """Beside the working one_step plugin, an installed plugin whose import raises."""
     (external_plugin / "minild_boom.py").write_text('raise RuntimeError("minild_boom needs libfoo 2.0")\n')
-    dist_info = external_plugin / "minild_boom-1.0.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: minild-boom\nVersion: 1.0\n")
-    (dist_info / "entry_points.txt").write_text("[minild]\nboom = minild_boom\n")
+    write_dist_info(external_plugin, "minild-boom", "1.0", "boom = minild_boom\n")
     plugins.reset_plugin_manager()
     yield external_plugin
     sys.modules.pop("minild_boom", None)
@@ -194,10 +194,7 @@ def test_duplicate_name_from_an_installed_plugin_names_both_and_the_allow_list_f
     (external_plugin / "minild_dupe.py").write_text(
         "from minild import hookimpl\n\n@hookimpl\ndef register_samplers(register):\n    register('one_step', object)\n"
     )
-    dist_info = external_plugin / "minild_dupe-2.0.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: minild-dupe\nVersion: 2.0\n")
-    (dist_info / "entry_points.txt").write_text("[minild]\ndupe = minild_dupe\n")
+    write_dist_info(external_plugin, "minild-dupe", "2.0", "dupe = minild_dupe\n")
     plugins.reset_plugin_manager()
     try:
         with pytest.raises(minild.PluginError, match=r"sampler 'one_step' is registered twice: by plugin '(one_step|dupe)' "
@@ -212,10 +209,7 @@ def test_duplicate_name_from_an_installed_plugin_names_both_and_the_allow_list_f
 
 def test_a_shadowed_older_installation_of_a_plugin_package_is_ignored(external_plugin, tmp_path_factory, monkeypatch):
     stale = tmp_path_factory.mktemp("stale-site-packages")
-    dist_info = stale / "minild_one_step-0.2.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: minild-one-step\nVersion: 0.2\n")
-    (dist_info / "entry_points.txt").write_text("[minild]\none_step = minild_one_step\nold_extra = minild_gone\n")
+    write_dist_info(stale, "minild-one-step", "0.2", "one_step = minild_one_step\nold_extra = minild_gone\n")
     monkeypatch.syspath_prepend(str(stale))
     monkeypatch.syspath_prepend(str(external_plugin))  # the current installation comes first, as pip leaves it
     plugins.reset_plugin_manager()
@@ -225,10 +219,7 @@ def test_a_shadowed_older_installation_of_a_plugin_package_is_ignored(external_p
 
 def test_two_packages_with_the_same_entry_point_name_report_the_second_as_broken(external_plugin):
     (external_plugin / "minild_other.py").write_text("")
-    dist_info = external_plugin / "minild_other-1.0.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: minild-other\nVersion: 1.0\n")
-    (dist_info / "entry_points.txt").write_text("[minild]\none_step = minild_other\n")
+    write_dist_info(external_plugin, "minild-other", "1.0", "one_step = minild_other\n")
     plugins.reset_plugin_manager()
     with pytest.warns(UserWarning, match="entry-point name 'one_step' is already taken by minild-"):
         minild.available("sampler")
