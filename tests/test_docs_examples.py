@@ -207,7 +207,7 @@ class FileRun:
         code = compile("\n" * block.line + source, str(block.path), "exec")  # tracebacks give Markdown lines
         if "TINY_SDXL" in source:
             self.namespace["TINY_SDXL"] = str(resources.tiny_sdxl())
-        module_file = MODULE_FILE.match(source.splitlines()[0])
+        module_file = MODULE_FILE.match(source.partition("\n")[0])
         if module_file is None:
             exec(code, self.namespace)
             return
