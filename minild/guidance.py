@@ -96,7 +96,8 @@ def guided_model_fn(model, cond: dict[str, Any], uncond: dict[str, Any], guider)
         if fixed:
             return fixed[0]
         step = int(t[0])
-        answer = (bool(guider.needs_cond(step)), bool(guider.needs_uncond(step)))
+        needs_cond = getattr(guider, "needs_cond", None)  # optional in the contract
+        answer = (needs_cond is None or bool(needs_cond(step)), bool(guider.needs_uncond(step)))
         if not getattr(guider, "uncond_depends_on_t", True):
             fixed.append(answer)
         return answer
