@@ -14,6 +14,8 @@ from minild.images import grid_columns, grid_conditions, save_grid
 # 1.0 is the plain conditional model, 3.0 is the paper's w = 2.
 GUIDANCE_SCALE = 3.0
 GUIDANCE_HELP = "classifier-free guidance for class-conditional models: 1.0 = plain conditional, 0 = unconditional"
+RUN_GUIDANCE_HELP = ("guidance scale, diffusers' convention: 1.0 = plain conditional, 0 = unconditional "
+                     "(default: the run's guidance stage, plain conditional without one)")
 
 
 # What a user can fix (a config, a path, a missing package, a full disk): printed as one line.
@@ -51,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--max-minutes", type=float, default=None, help="stop after M minutes of training")
     train.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default: from the config)")
     train.add_argument("--grid", type=int, default=100, help="images in the sample grid written after training (0: none)")
-    train.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE, help=GUIDANCE_HELP)
+    train.add_argument("--guidance-scale", type=float, default=None, help=RUN_GUIDANCE_HELP)
     train.set_defaults(run=_train)
 
     train_vae = commands.add_parser("train-vae", help="train a VAE stage for latent diffusion and save it")
@@ -65,12 +67,16 @@ def _parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="sample a grid of images from a saved run")
     sample.add_argument("run_dir", help="directory written by `minild train` or Pipeline.save_pretrained")
     sample.add_argument("--num", type=int, default=100, help="number of images")
-    sample.add_argument("--steps", type=int, default=50, help="number of inference steps")
+    sample.add_argument("--steps", type=int, default=None,
+                        help="number of inference steps (default: the sampler's num_inference_steps, else 50)")
     sample.add_argument("--sampler", default=None, help="sampler name (default: the run's sampler)")
     sample.add_argument("--eta", type=float, default=None, help="DDIM eta (with --sampler ddim)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--class-label", type=int, default=None, help="generate only this class")
-    sample.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE, help=GUIDANCE_HELP)
+    sample.add_argument("--guidance", metavar="NAME[:KEY=VALUE,...]", default=None,
+                        help="guidance method and its params, e.g. apg or cfg_interval:scale=3,sigma_low=0.3 "
+                             "(default: the run's; see `minild plugins`)")
+    sample.add_argument("--guidance-scale", type=float, default=None, help=RUN_GUIDANCE_HELP)
     sample.add_argument("--no-ema", action="store_true", help="sample with the raw weights, not the EMA")
     sample.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/samples.png)")
     sample.set_defaults(run=_sample)
@@ -148,6 +154,33 @@ def _str_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def parse_guidance(text: str) -> dict:
+    """``"cfg_interval:scale=3,sigma_low=0.3"`` → ``{"name": "cfg_interval", "scale": 3, "sigma_low": 0.3}``:
+    values that look like integers, numbers, booleans (true/false) or null become them."""
+    name, _, params = text.partition(":")
+    stage: dict = {"name": name.strip()}
+    if not stage["name"]:
+        raise ValueError(f"--guidance {text!r}: give a guidance name, e.g. --guidance apg or cfg_interval:scale=3")
+    for item in filter(None, (item.strip() for item in params.split(","))):
+        key, equals, value = (part.strip() for part in item.partition("="))
+        if not key or not equals:
+            raise ValueError(f"--guidance {text!r}: {item!r} is not KEY=VALUE; write e.g. {stage['name']}:scale=3")
+        stage[key] = _plain_value(value)
+    return stage
+
+
+def _plain_value(text: str):
+    words = {"true": True, "false": False, "null": None, "none": None}
+    if text.lower() in words:
+        return words[text.lower()]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _train(args) -> int:
     from minild.pipeline import Pipeline
 
@@ -173,7 +206,7 @@ def _train(args) -> int:
     if args.grid > 0:
         path = run_dir / "samples.png"
         conditions = grid_conditions(pipe, args.grid)
-        images = pipe.generate(args.grid, **conditions, guidance_scale=args.guidance_scale, seed=0)
+        images = pipe.generate(args.grid, **conditions, guidance_scale=args.guidance_scale, seed=0)  # None: the config's
         save_grid(images, path, nrow=grid_columns(pipe))
         print(f"wrote {path}")
     return 0
@@ -204,6 +237,9 @@ def _train_vae(args) -> int:
 def _sample(args) -> int:
     from minild.pipeline import Pipeline
 
+    if args.num < 1:
+        raise ValueError(f"--num must be a positive number of images, got {args.num}")
+    guidance = parse_guidance(args.guidance) if args.guidance is not None else None
     pipe = Pipeline.from_pretrained(args.run_dir)
     sampler = None
     if args.sampler is not None or args.eta is not None:
@@ -215,7 +251,7 @@ def _sample(args) -> int:
     else:
         conditions = grid_conditions(pipe, args.num)
     images = pipe.generate(
-        args.num, **conditions, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
+        args.num, **conditions, guidance=guidance, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
         sampler=sampler, seed=args.seed, use_ema=not args.no_ema,
     )
     path = Path(args.out or Path(args.run_dir) / "samples.png")
