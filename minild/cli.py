@@ -8,7 +8,7 @@ from pathlib import Path
 
 from minild import plugins
 from minild.errors import UnavailableError
-from minild.images import grid_columns, grid_conditions, save_grid
+from minild.images import grid_conditions, sampling_caption, save_sample_grid
 
 # Classifier-free guidance for class-conditional models, in diffusers' convention:
 # 1.0 is the plain conditional model, 3.0 is the paper's w = 2.
@@ -173,8 +173,9 @@ def _train(args) -> int:
     if args.grid > 0:
         path = run_dir / "samples.png"
         conditions = grid_conditions(pipe, args.grid)
-        images = pipe.generate(args.grid, **conditions, guidance_scale=args.guidance_scale, seed=0)
-        save_grid(images, path, nrow=grid_columns(pipe))
+        images = pipe.generate(args.grid, **conditions, guidance_scale=args.guidance_scale, num_inference_steps=50, seed=0)
+        caption = sampling_caption(pipe, conditions, guidance_scale=args.guidance_scale, num_inference_steps=50)
+        save_sample_grid(pipe, images, path, title=f"{run_dir.name} after {result.steps} steps · {caption} · seed 0")
         print(f"wrote {path}")
     return 0
 
@@ -219,7 +220,11 @@ def _sample(args) -> int:
         sampler=sampler, seed=args.seed, use_ema=not args.no_ema,
     )
     path = Path(args.out or Path(args.run_dir) / "samples.png")
-    save_grid(images, path, nrow=None if args.class_label is not None else grid_columns(pipe))
+    caption = sampling_caption(pipe, conditions, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
+                               sampler=args.sampler)
+    title = f"{Path(args.run_dir).name}: " + (f"class {args.class_label} · " if args.class_label is not None else "")
+    title += f"{caption} · seed {args.seed}" + (" · raw weights" if args.no_ema and pipe.ema_model is not None else "")
+    save_sample_grid(pipe, images, path, title=title, conditioned=args.class_label is None)
     print(f"wrote {path}")
     return 0
 

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from minild.data import load_dataset
+from minild.images import save_labeled_grid
 from minild.metrics import (
     DigitClassifier,
     classify,
@@ -103,7 +104,9 @@ def run_cfg_digits(
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_block_grid(blocks, out_dir / "grid.png")
+        save_labeled_grid(torch.cat(blocks, dim=1), out_dir / "grid.png", row_labels=[str(d) for d in range(NUM_DIGITS)],
+                          column_blocks=[f"scale {scale:g}" for scale in guidance_scales],
+                          title=f"rows: digits 0–9 · {num_inference_steps} steps · seed {seed}")
         _write_csv(out_dir / "results.csv", [_flat_cfg_row(row) for row in rows])
         baseline = real_digits_baseline(classifier, len(labels), reference)
         settings = f"{per_class} digits per class, {num_inference_steps} inference steps, seed {seed}"
@@ -211,8 +214,9 @@ def run_prompt_digits(
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_block_grid([images.reshape(len(pairs), per_prompt, *images.shape[1:])[:, :grid_per_prompt]],
-                        out_dir / "prompts_grid.png")
+        save_labeled_grid(images.reshape(len(pairs), per_prompt, *images.shape[1:])[:, :grid_per_prompt],
+                          out_dir / "prompts_grid.png", row_labels=[prompt for _, prompt in pairs],
+                          title=f"one row per prompt · guidance scale {guidance_scale:g} · seed {seed}")
         settings = (f"{per_prompt} images per prompt, guidance scale {guidance_scale:g} (paper w = "
                     f"{guidance_scale - 1:g}), {num_inference_steps} inference steps, seed {seed}, {seconds:.0f}s")
         (out_dir / "prompts.md").write_text(format_prompt_markdown(rows, settings=settings))
@@ -277,18 +281,6 @@ def _generate_in_batches(pipeline, chunks, seed: int, conditioning, **generate_k
         generator = torch.Generator().manual_seed(seed * _SEED_STRIDE + index)
         images.append(pipeline.generate(**conditioning(chunk), generator=generator, **generate_kwargs).cpu())
     return torch.cat(images)  # [N, 1, 28, 28] in [0, 1]
-
-
-def save_block_grid(blocks: list[torch.Tensor], path: str | Path, separator: int = 4) -> None:
-    """Write blocks ``[R, K, C, H, W]`` (R rows of K images) side by side as one PNG, with a
-    ``separator``-pixel white bar between blocks."""
-    from torchvision.utils import make_grid, save_image
-
-    grids = [make_grid(block.flatten(0, 1), nrow=block.shape[1], padding=2) for block in blocks]  # [C, H', W']
-    bar = torch.ones(grids[0].shape[0], grids[0].shape[1], separator)
-    pieces = [piece for grid in grids for piece in (bar, grid)][1:]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_image(torch.cat(pieces, dim=2), str(path))
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
