@@ -3,6 +3,7 @@ columns and blocks of columns carry labels (``save_labeled_grid``)."""
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +181,14 @@ def save_labeled_grid(
         path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", dpi=100)
     return layout
+
+
+def labeled_grid_png(images, **labels) -> bytes:
+    """The PNG ``save_labeled_grid`` writes, as bytes (a notebook shows it with
+    ``IPython.display.Image(labeled_grid_png(images, row_labels=...))``)."""
+    buffer = io.BytesIO()
+    save_labeled_grid(images, buffer, **labels)
+    return buffer.getvalue()
 
 
 def _grid_rows(images, row_labels, column_labels):
