@@ -82,9 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     experiments = experiment.add_subparsers(dest="experiment", required=True)
     cfg = experiments.add_parser("cfg-digits", help="class accuracy and digit-FID across guidance scales")
     cfg.add_argument("run_dir", help="a saved class-conditional digit run")
-    cfg.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 3.0, 5.0, 7.5], help=GUIDANCE_HELP)
-    cfg.add_argument("--per-class", type=int, default=100, help="images per digit and scale")
-    cfg.add_argument("--steps", type=int, default=50, help="number of inference steps")
+    cfg.add_argument("--methods", type=_guidance_specs, nargs="+", default=None, metavar="NAME[:k=v,…]",
+                     help="guidance methods to compare, comma-separated, each with optional parameters, e.g. "
+                          "cfg,cfg_interval:sigma_low=0.3,apg (default: the run's configured guidance)")
+    cfg.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 3.0, 5.0, 7.5],
+                     help=GUIDANCE_HELP + "; each method is run at every scale")
+    cfg.add_argument("--per-class", type=int, default=100, help="images per digit, method and scale")
+    cfg.add_argument("--sampler", default=None, help="sampler name (default: the run's sampler)")
+    cfg.add_argument("--steps", type=int, default=None, help="number of inference steps (default: the pipeline's)")
     cfg.add_argument("--seed", type=int, default=0)
     cfg.add_argument("--batch-size", type=int, default=200, help="images per generate() call")
     cfg.add_argument("--out", default=None, help="output folder (default: RUN_DIR/cfg_digits)")
@@ -146,6 +151,33 @@ def _int_list(text: str) -> list[int]:
 
 def _str_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _guidance_specs(text: str) -> list[str | dict]:
+    """``cfg,cfg_interval:sigma_low=0.3,sigma_high=2,apg`` → ``["cfg", {"name": "cfg_interval",
+    "sigma_low": 0.3, "sigma_high": 2}, "apg"]``: a piece with ``=`` and no ``:`` is one more
+    parameter of the method before it; values are read as YAML scalars."""
+    import yaml
+
+    specs: list[str | dict] = []
+    for piece in _str_list(text):
+        name, colon, assignment = piece.partition(":") if ":" in piece else ("", "", piece)
+        if not colon and "=" not in piece:
+            specs.append(piece)
+            continue
+        if colon:
+            specs.append({"name": name.strip()})
+        elif not specs:
+            raise argparse.ArgumentTypeError(f"{piece!r} has no method before it; write NAME:{piece}")
+        elif isinstance(specs[-1], str):
+            specs[-1] = {"name": specs[-1]}
+        if not assignment.strip():
+            continue  # "apg:" is just the name
+        key, equals, value = assignment.partition("=")
+        if not equals or not key.strip():
+            raise argparse.ArgumentTypeError(f"expected NAME[:key=value,…] in {text!r}, got {piece!r}")
+        specs[-1][key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return specs
 
 
 def _train(args) -> int:
@@ -265,8 +297,9 @@ def _experiment(args) -> int:
     classifier = load_digit_classifier()
     print(f"digit classifier: {classifier.info['test_accuracy']:.1%} accuracy on the held-out test digits")
     if args.experiment == "cfg-digits":
-        experiments.run_cfg_digits(pipe, guidance_scales=args.scales, per_class=args.per_class, out_dir=out,
-                                   classifier=classifier, log=print, **common)
+        methods = [spec for specs in args.methods for spec in specs] if args.methods else None
+        experiments.run_cfg_digits(pipe, methods=methods, guidance_scales=args.scales, per_class=args.per_class,
+                                   sampler=args.sampler, out_dir=out, classifier=classifier, log=print, **common)
         print((out / "results.md").read_text())
     else:
         experiments.run_prompt_digits(pipe, prompts, per_prompt=args.per_prompt, guidance_scale=args.guidance_scale,

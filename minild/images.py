@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Sequence
@@ -136,7 +137,9 @@ def save_labeled_grid(
     measure = _text_measurer(canvas.get_renderer())
     per_block = num_columns // num_blocks
     scale = max(1, min(MAX_SCALE, math.ceil(MIN_CELL / max(height, width))))
-    widest_block = max((measure(text, LABEL_SIZE)[0] for text in column_blocks or []), default=0)
+    column_blocks = [_wrap(text, per_block * (width + PADDING) * scale - 2 * MARGIN, measure)
+                     for text in column_blocks or []]  # long headers break at " · ", ":" and ","
+    widest_block = max((measure(text, LABEL_SIZE)[0] for text in column_blocks), default=0)
     while scale < MAX_SCALE and per_block * (width + PADDING) * scale < widest_block + 2 * MARGIN:
         scale += 1
     pixels = _grid_pixels(rows, num_blocks, scale)  # [H', W', 3]
@@ -149,7 +152,8 @@ def save_labeled_grid(
     left = MARGIN + (max(measure(text, LABEL_SIZE)[0] for text in row_labels) + MARGIN if row_labels else 0)
     top = MARGIN + sum(size + MARGIN for size in (title_height, block_header, column_header) if size)
     left, top = math.ceil(left), math.ceil(top)
-    figure_width = left + pixels.shape[1] + MARGIN
+    figure_width = max(left + pixels.shape[1] + MARGIN, math.ceil(measure(title, TITLE_SIZE)[0]) + 2 * MARGIN
+                       if title else 0)
     figure_height = top + pixels.shape[0] + MARGIN
     figure.set_size_inches(figure_width / 100, figure_height / 100)
     figure.figimage(pixels, xo=left, yo=MARGIN, origin="upper")
@@ -240,6 +244,18 @@ def _text_measurer(renderer):
         return max(w for w, _, _ in sizes), sum(h for _, h, _ in sizes) + 0.3 * size * (len(lines) - 1)
 
     return measure
+
+
+def _wrap(text: str, width: float, measure) -> str:
+    """``text`` in lines no wider than ``width`` pixels where it can break: before " · ", after ":" or ","."""
+    pieces = [piece for piece in re.split(r"(?<=[:,])|(?= · )", text) if piece]
+    lines = [""]
+    for piece in pieces:
+        if lines[-1] and measure(lines[-1] + piece, LABEL_SIZE)[0] > width:
+            lines.append(piece.lstrip())
+        else:
+            lines[-1] += piece
+    return "\n".join(lines)
 
 
 def _check_labels(name: str, labels, count: int, what: str) -> None:
