@@ -71,6 +71,7 @@ class PipelineConfig:
     schedule: StageSpec
     model: StageSpec
     sampler: StageSpec
+    guidance: StageSpec | None = None  # None: classifier-free guidance at generate()'s guidance_scale (1.0)
     vae: StageSpec | None = None
     text_encoder: StageSpec | None = None
     data: DataConfig = field(default_factory=DataConfig)
@@ -121,7 +122,10 @@ class VAETrainingConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-STAGE_KINDS = {"schedule": "schedule", "model": "model", "sampler": "sampler", "vae": "vae", "text_encoder": "text_encoder"}
+STAGE_KINDS = {
+    "schedule": "schedule", "model": "model", "sampler": "sampler", "guidance": "guidance", "vae": "vae",
+    "text_encoder": "text_encoder",
+}
 
 
 def load_config(source: str | Path | dict[str, Any]) -> PipelineConfig:

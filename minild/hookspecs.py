@@ -2,7 +2,7 @@
 
 Hooks are called with keyword arguments only. An implementation may accept fewer
 arguments than the spec lists, so specs can grow without breaking plugins.
-``minild.testing`` checks a schedule, model or sampler plugin against this contract.
+``minild.testing`` checks a schedule, model, sampler or guidance plugin against this contract.
 """
 
 from __future__ import annotations
@@ -74,6 +74,41 @@ def register_samplers(register):
     - ``timesteps(num_inference_steps) -> list[int]``: the chain, noisiest first;
     - ``step(eps, t, x, *, t_prev, generator=None) -> (x_prev, x0_pred)``: one update from
       ``x`` at timestep ``t`` to ``t_prev`` (None after the last timestep), all ``[B, C, H, W]``.
+    """
+
+
+@hookspec
+def register_guidances(register):
+    """Register guidance methods: how a step's conditional and unconditional eps are combined.
+
+    ``register(name, factory)`` where ``factory(*, scale: float = …, **params)`` returns a
+    guidance object. ``scale`` s follows diffusers: plain CFG is ε_u + s (ε_c − ε_u), 1.0 is the
+    conditional model alone; every factory takes it, and ``generate(guidance_scale=…)`` sets it.
+    The object has
+
+    - ``scale``: the float it was built with;
+    - ``bind(schedule) -> guider``: a fresh guider for one sampling run on ``schedule`` (a
+      ``minild.NoiseSchedule``; σ_t = √((1 − ᾱ_t)/ᾱ_t) is the noise level at t). The pipeline
+      binds once per run and per chunk of ``generate``, so state such as a momentum average
+      starts afresh each time; ``bind`` must not change the object itself.
+
+    and the guider has
+
+    - ``needs_uncond(t: int) -> bool``: whether step t needs the unconditional eps at all;
+      False makes the pipeline run only the conditional pass and use its eps as is (e.g. at
+      scale 1, or outside a guidance interval);
+    - optionally ``needs_cond(t: int) -> bool`` (default True): False runs only the
+      unconditional pass and uses its eps as is (CFG at scale 0);
+    - optionally ``uncond_depends_on_t: bool`` (default True): False promises that both
+      answers are the same at every t, so the pipeline asks once per run; otherwise it reads t
+      back from the device once per step (a host sync on an accelerator);
+    - ``__call__(eps_cond, eps_uncond, *, t, x) -> eps``, called when both passes ran: ``eps_cond``,
+      ``eps_uncond`` and ``x`` (the noisy x_t) are ``[B, C, H, W]``, ``t`` a ``[B]`` int64 tensor
+      on their device; returns the eps the sampler uses, ``[B, C, H, W]`` in their dtype and on
+      their device. Both halves come from one batched forward of the model.
+
+    ``minild.guidance.Guidance`` is a base class that implements ``bind``, ``reset`` and the
+    scale-1 shortcut, and looks σ_t up on the device without a host sync.
     """
 
 

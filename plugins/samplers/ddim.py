@@ -15,6 +15,7 @@ from minild import NoiseSchedule
 from .common import (
     GeneratorOrList,
     check_choice,
+    check_default_steps,
     check_clip_sample_range,
     initial_latents,
     leading_timesteps,
@@ -37,6 +38,7 @@ class DDIMSampler:
       Stable Diffusion and SDXL use 1).
     - ``final_alpha_cumprod``: ᾱ_prev of the last step; ``"one"`` ends on the clean image
       (diffusers' ``set_alpha_to_one=True``), ``"first"`` uses ᾱ_0 (``set_alpha_to_one=False``, SDXL).
+    - ``num_inference_steps``: the chain length ``sample`` walks when given None (None: 50).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class DDIMSampler:
         clip_sample_range: float = 1.0,
         steps_offset: int = 0,
         final_alpha_cumprod: str = "one",
+        num_inference_steps: int | None = None,
     ):
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
             raise ValueError(f"eta must be a number >= 0, got {eta!r}")
@@ -56,6 +59,8 @@ class DDIMSampler:
         if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
             raise ValueError(f"steps_offset must be an integer >= 0, got {steps_offset!r}")
         check_choice("final_alpha_cumprod", final_alpha_cumprod, FINAL_ALPHA_CUMPROD)
+        check_default_steps(num_inference_steps, schedule.num_timesteps)
+        self.num_inference_steps = num_inference_steps
         self.schedule = schedule
         self.eta = float(eta)
         self.clip_sample = clip_sample
@@ -81,12 +86,12 @@ class DDIMSampler:
     ) -> torch.Tensor:
         """Denoise x_T of ``shape`` (B, C, H, W) into x_0 with ``model_fn(x, t) -> eps``.
 
-        ``num_inference_steps`` (default 50) walks ``self.timesteps(num_inference_steps)``.
+        ``num_inference_steps`` (default: the sampler's, else 50) walks ``self.timesteps(num_inference_steps)``.
         Without ``latents``, x_T is drawn with ``generator`` on ``device`` (default CPU), in
         float32. With eta > 0 each step draws its noise z with ``generator`` too.
         """
         if num_inference_steps is None:
-            num_inference_steps = 50
+            num_inference_steps = self.num_inference_steps or 50
         timesteps = self.timesteps(num_inference_steps)
         x = initial_latents(shape, generator, latents, device)
         t_batches = torch.tensor([[t] * x.shape[0] for t in timesteps], device=x.device)  # [n, B]

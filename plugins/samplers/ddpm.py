@@ -13,6 +13,7 @@ from minild import NoiseSchedule
 from .common import (
     GeneratorOrList,
     check_choice,
+    check_default_steps,
     check_clip_sample_range,
     initial_latents,
     leading_timesteps,
@@ -30,6 +31,7 @@ class DDPMSampler:
       ``"fixed_large"`` σ_t² = β_t.
     - ``clip_sample``: ``"clip"`` clamps x̂0 to ±``clip_sample_range`` before the mean is taken
       (images live in [-1, 1]); ``"none"`` leaves it.
+    - ``num_inference_steps``: the chain length ``sample`` walks when given None (None: all T steps).
     """
 
     def __init__(
@@ -39,8 +41,11 @@ class DDPMSampler:
         variance_type: str = "fixed_small",
         clip_sample: str = "clip",
         clip_sample_range: float = 1.0,
+        num_inference_steps: int | None = None,
     ):
         check_choice("variance_type", variance_type, VARIANCE_TYPES)
+        check_default_steps(num_inference_steps, schedule.num_timesteps)
+        self.num_inference_steps = num_inference_steps
         check_choice("clip_sample", clip_sample, CLIP_SAMPLE)
         check_clip_sample_range(clip_sample_range)
         self.schedule = schedule
@@ -62,13 +67,13 @@ class DDPMSampler:
     ) -> torch.Tensor:
         """Denoise x_T of ``shape`` (B, C, H, W) into x_0 with ``model_fn(x, t) -> eps``.
 
-        ``num_inference_steps`` (default: every one of the T training steps) walks the
+        ``num_inference_steps`` (default: the sampler's, else every one of the T training steps) walks the
         timesteps T//n·(n−1), …, T//n, 0, each step jumping to the next one. Without
         ``latents``, x_T is drawn with ``generator`` on ``device`` (default CPU), in float32.
         """
         num_timesteps = self.schedule.num_timesteps
         if num_inference_steps is None:
-            num_inference_steps = num_timesteps
+            num_inference_steps = self.num_inference_steps or num_timesteps
         timesteps = leading_timesteps(num_timesteps, num_inference_steps)
         x = initial_latents(shape, generator, latents, device)
         batch_size = x.shape[0]

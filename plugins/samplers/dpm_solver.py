@@ -12,7 +12,7 @@ import torch
 
 from minild import NoiseSchedule
 
-from .common import GeneratorOrList, check_choice, check_num_inference_steps, initial_latents
+from .common import GeneratorOrList, check_choice, check_default_steps, check_num_inference_steps, initial_latents
 
 TIMESTEP_SPACINGS = ("linspace", "trailing")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
@@ -31,10 +31,14 @@ class DPMSolverPPSampler:
       is not offered.)
     - ``final_sigmas_type``: ``"zero"`` (default) makes the last step land on σ = 0, i.e. return
       the model's x̂0 of the last timestep; ``"sigma_min"`` stops at the noise level of t = 0.
+    - ``num_inference_steps``: the number of steps ``sample`` takes when given None (None: 20).
     """
 
-    def __init__(self, schedule: NoiseSchedule, *, timestep_spacing: str = "linspace", final_sigmas_type: str = "zero"):
+    def __init__(self, schedule: NoiseSchedule, *, timestep_spacing: str = "linspace", final_sigmas_type: str = "zero",
+                 num_inference_steps: int | None = None):
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        check_default_steps(num_inference_steps, schedule.num_timesteps)
+        self.num_inference_steps = num_inference_steps
         check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
         self.schedule = schedule
         self.timestep_spacing = timestep_spacing
@@ -65,11 +69,11 @@ class DPMSolverPPSampler:
     ) -> torch.Tensor:
         """Denoise x_T of ``shape`` (B, C, H, W) into x_0 with ``model_fn(x, t) -> eps``.
 
-        ``num_inference_steps`` (default 20) model evaluations. Without ``latents``, x_T is drawn
+        ``num_inference_steps`` (default: the sampler's, else 20) model evaluations. Without ``latents``, x_T is drawn
         with ``generator`` on ``device`` (default CPU), in float32; nothing else is random.
         """
         if num_inference_steps is None:
-            num_inference_steps = 20
+            num_inference_steps = self.num_inference_steps or 20
         timesteps = self.timesteps(num_inference_steps)
         x = initial_latents(shape, generator, latents, device)
         n, batch_size = len(timesteps), x.shape[0]
