@@ -12,9 +12,15 @@ from typing import Callable, Sequence
 
 import torch
 
-from minild import plugins
 from minild.data import load_dataset
-from minild.frontier import plot_frontier
+from minild.guidance_frontier import (
+    check_methods,
+    count_model_evaluations,
+    guidance_name,
+    plot_frontier,
+    sampler_name,
+    steps_used,
+)
 from minild.images import save_labeled_grid
 from minild.metrics import (
     DigitClassifier,
@@ -75,7 +81,7 @@ def run_cfg_digits(
     of two-pass guidance; None when the pipeline's model is not a torch module). With ``out_dir``,
     writes ``grid.png`` (rows: digits 0–9; one block of ``grid_per_class`` columns per cell,
     headed "method · scale"), ``results.csv``, ``results.md`` and ``frontier.png``
-    (``minild.frontier.plot_frontier``).
+    (``minild.guidance_frontier.plot_frontier``).
     """
     num_classes = getattr(pipeline.model, "num_classes", None)
     if num_classes != NUM_DIGITS:
@@ -88,7 +94,7 @@ def run_cfg_digits(
         _check_positive(num_inference_steps=num_inference_steps)
     if not guidance_scales:
         raise ValueError("guidance_scales is empty: give at least one scale, e.g. (1.0, 3.0)")
-    cells = [(method, float(scale)) for method in _check_methods(methods) for scale in guidance_scales]
+    cells = [(method, float(scale)) for method in check_methods(methods) for scale in guidance_scales]
     classifier = classifier if classifier is not None else load_digit_classifier()
     reference = digit_features(classifier, _unit(load_dataset("digits", split="test").images))
     labels = torch.arange(NUM_DIGITS).repeat(per_class)  # [N]: 0, 1, …, 9, 0, 1, …
@@ -124,8 +130,8 @@ def run_cfg_digits(
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        steps = f"{num_inference_steps} inference steps" if num_inference_steps else "the default inference steps"
-        settings = f"{per_class} digits per class, {_sampler_name(sampler, pipeline)} with {steps}, seed {seed}"
+        steps = steps_used(num_inference_steps, sampler, pipeline)
+        settings = f"{per_class} digits per class, {sampler_name(sampler, pipeline)} with {steps} inference steps, seed {seed}"
         save_labeled_grid(torch.cat(blocks, dim=1), out_dir / "grid.png", row_labels=[str(d) for d in range(NUM_DIGITS)],
                           column_blocks=[f"{row['method']} · {row['guidance_scale']:g}" for row in rows],
                           title=f"rows: digits 0–9 · {settings}")
@@ -191,68 +197,6 @@ def _flat_cfg_row(row: dict) -> dict:
                 seconds=round(row["seconds"], 2))
     flat.update({f"accuracy_{digit}": round(accuracy, 4) for digit, accuracy in enumerate(row["per_class_accuracy"])})
     return flat
-
-
-def guidance_name(spec: str | dict | None, pipeline=None) -> str:
-    """A guidance spec as the command line writes it: ``"apg"``, ``"cfg_interval:sigma_low=0.3"``;
-    None is the pipeline's configured guidance (``"cfg"`` when its config names none)."""
-    if spec is None:
-        configured = getattr(getattr(pipeline, "config", None), "guidance", None)
-        spec = getattr(configured, "name", None) or configured or "cfg"
-        params = getattr(configured, "params", None) or {}
-        spec = {"name": spec, **params} if isinstance(spec, str) else spec
-    if isinstance(spec, str):
-        return spec
-    params = ",".join(f"{key}={value}" for key, value in spec.items() if key != "name")
-    return spec["name"] + (f":{params}" if params else "")
-
-
-def count_model_evaluations(pipeline):
-    """A context manager counting the images that go through the pipeline's eps-model (and its
-    EMA copy): ``counter.images`` after the block, None when the model is not a torch module."""
-    return _EvaluationCounter([getattr(pipeline, name, None) for name in ("model", "ema_model")])
-
-
-class _EvaluationCounter:
-    def __init__(self, models):
-        self.models = [model for model in models if isinstance(model, torch.nn.Module)]
-        self.images = 0 if self.models else None
-
-    def _count(self, module, args, kwargs):
-        x = args[0] if args else kwargs["x"]  # [B, C, H, W]
-        self.images += x.shape[0]
-
-    def __enter__(self):
-        self.handles = [model.register_forward_pre_hook(self._count, with_kwargs=True) for model in self.models]
-        return self
-
-    def __exit__(self, *exc_info):
-        for handle in self.handles:
-            handle.remove()
-
-
-def _check_methods(methods) -> list:
-    """``[None]`` (the configured guidance) or the specs, each a name or a dict with a ``name``."""
-    if methods is None:
-        return [None]
-    if isinstance(methods, (str, dict)) or not methods:
-        raise ValueError(f"methods must be a non-empty list of guidance specs (names or dicts), got {methods!r}; "
-                         "e.g. ['cfg', {'name': 'cfg_interval', 'sigma_low': 0.3}]")
-    for method in methods:
-        name = method.get("name") if isinstance(method, dict) else method
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"methods: {method!r} is not a guidance spec; give a name ('apg') or a dict with "
-                             "'name' and the method's parameters")
-        if "guidance" in plugins.KINDS:
-            plugins.lookup("guidance", name)  # an unknown name fails here, not after the first cells
-    return list(methods)
-
-
-def _sampler_name(sampler, pipeline) -> str:
-    if sampler is not None:
-        return sampler if isinstance(sampler, str) else sampler.get("name", "the configured sampler")
-    configured = getattr(getattr(pipeline, "config", None), "sampler", None)
-    return getattr(configured, "name", None) or "the configured sampler"
 
 
 # ---------------------------------------------------------------------------- prompts

@@ -62,10 +62,11 @@ def grid_column_labels(pipe) -> list[str] | None:
 
 def sampling_caption(pipe, conditions: dict, *, guidance_scale: float, num_inference_steps: int,
                      sampler: str | None = None) -> str:
-    """``"guidance scale 3 · ddim, 50 steps"`` (no guidance for an unconditional grid)."""
-    name = sampler or pipe.config.sampler.name
-    steps = f"{name}, {num_inference_steps} steps"
-    return f"guidance scale {guidance_scale:g} · {steps}" if conditions else steps
+    """``"cfg guidance, scale 3 · ddim, 50 steps"`` (no guidance for an unconditional grid)."""
+    steps = f"{sampler or pipe.config.sampler.name}, {num_inference_steps} steps"
+    guidance = getattr(pipe.config, "guidance", None)
+    method = guidance.name if guidance is not None else "cfg"
+    return f"{method} guidance, scale {guidance_scale:g} · {steps}" if conditions else steps
 
 
 def save_sample_grid(pipe, images, path: str | Path, *, title: str, conditioned: bool = True) -> "GridLayout":

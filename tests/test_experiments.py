@@ -198,6 +198,22 @@ def test_cli_cfg_digits_runs_a_saved_pipeline_end_to_end(tmp_path, cached_classi
     assert width > 2 * 2 * 2 * CELL and height > 2 * 10 * CELL
 
 
+@pytest.mark.filterwarnings("ignore:classifier-free guidance with a model trained without condition dropout")
+def test_cli_cfg_digits_compares_guidance_methods(tmp_path, cached_classifier_env, capsys):
+    run = tmp_path / "run"
+    minild.Pipeline.from_config(tiny_config(model={"num_classes": 10})).save_pretrained(run)
+    assert main(["experiment", "cfg-digits", str(run), "--per-class", "1", "--scales", "3", "--steps", "4",
+                 "--methods", "cfg,cfg_interval:sigma_low=0.5,sigma_high=2", "apg", "--out", str(tmp_path / "out")]) == 0
+    with (tmp_path / "out" / "results.csv").open() as file:
+        table = {line["method"]: float(line["model_evaluations_per_image"]) for line in csv.DictReader(file)}
+    assert list(table) == ["cfg", "cfg_interval:sigma_low=0.5,sigma_high=2", "apg"]
+    assert table["cfg"] == table["apg"] == 8  # 4 steps, two passes each
+    assert 4 <= table["cfg_interval:sigma_low=0.5,sigma_high=2"] < 8  # one pass outside the interval
+    assert (tmp_path / "out" / "frontier.png").is_file()
+    assert main(["experiment", "cfg-digits", str(run), "--methods", "cgf"]) == 2
+    assert "unknown guidance 'cgf' (did you mean 'cfg'?)" in capsys.readouterr().err
+
+
 def test_cli_methods_are_names_with_optional_parameters():
     args = _parser().parse_args(["experiment", "cfg-digits", "RUN", "--methods", "cfg,cfg_interval:sigma_low=0.3,"
                                  "sigma_high=2", "apg", "--scales", "1", "1.5"])

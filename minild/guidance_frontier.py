@@ -1,10 +1,16 @@
-"""The guidance frontier: class accuracy against digit-FID, one line per guidance method through
-its scales, next to the floor of real digits and the region a good setting should reach."""
+"""The guidance frontier experiment's parts: guidance methods named and checked, model evaluations
+counted, and the plot of class accuracy against digit-FID, one line per method through its scales,
+next to the floor of real digits and the region a good setting should reach."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import BinaryIO
+
+import torch
+
+from minild.config import parse_stage
+from minild.generation import DEFAULT_NUM_INFERENCE_STEPS
 
 # A setting is on target when it is nearly always the requested digit and nearly as varied as real digits.
 TARGET_ACCURACY = 0.985
@@ -67,3 +73,73 @@ def plot_frontier(rows: list[dict], baseline: dict, path: str | Path | BinaryIO,
     if isinstance(path, (str, Path)):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png")
+
+
+def guidance_name(spec: str | dict | None, pipeline=None) -> str:
+    """A guidance spec as the command line writes it, without its ``scale`` (the sweep sets it):
+    ``"apg"``, ``"cfg_interval:sigma_low=0.3"``; None is the pipeline's configured guidance
+    (``"cfg"`` when its config names none)."""
+    if spec is None:
+        configured = getattr(getattr(pipeline, "config", None), "guidance", None)
+        spec = configured.to_dict() if configured is not None else "cfg"
+    if isinstance(spec, str):
+        return spec
+    params = ",".join(f"{key}={value}" for key, value in spec.items() if key not in ("name", "scale"))
+    return spec["name"] + (f":{params}" if params else "")
+
+
+def count_model_evaluations(pipeline):
+    """A context manager counting the images that go through the pipeline's eps-model (and its
+    EMA copy): ``counter.images`` after the block, None when the model is not a torch module."""
+    return _EvaluationCounter([getattr(pipeline, name, None) for name in ("model", "ema_model")])
+
+
+class _EvaluationCounter:
+    def __init__(self, models):
+        self.models = [model for model in models if isinstance(model, torch.nn.Module)]
+        self.images = 0 if self.models else None
+
+    def _count(self, module, args, kwargs):
+        x = args[0] if args else kwargs["x"]  # [B, C, H, W]
+        self.images += x.shape[0]
+
+    def __enter__(self):
+        self.handles = [model.register_forward_pre_hook(self._count, with_kwargs=True) for model in self.models]
+        return self
+
+    def __exit__(self, *exc_info):
+        for handle in self.handles:
+            handle.remove()
+
+
+def check_methods(methods) -> list:
+    """``[None]`` (the configured guidance) or the specs, each a name or a dict with a ``name``."""
+    if methods is None:
+        return [None]
+    if isinstance(methods, (str, dict)) or not methods:
+        raise ValueError(f"methods must be a non-empty list of guidance specs (names or dicts), got {methods!r}; "
+                         "e.g. ['cfg', {'name': 'cfg_interval', 'sigma_low': 0.3}]")
+    for method in methods:
+        name = method.get("name") if isinstance(method, dict) else method
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"methods: {method!r} is not a guidance spec; give a name ('apg') or a dict with "
+                             "'name' and the method's parameters")
+        parse_stage("guidance", method, "methods", name)  # fails here, not after some cells
+    return list(methods)
+
+
+def steps_used(num_inference_steps, sampler, pipeline) -> int:
+    """What ``generate`` walks when given ``num_inference_steps`` (None: the sampler's, else 50)."""
+    if num_inference_steps is not None:
+        return num_inference_steps
+    if isinstance(sampler, dict) and sampler.get("num_inference_steps"):
+        return sampler["num_inference_steps"]
+    configured = getattr(getattr(pipeline, "sampler", None), "num_inference_steps", None) if sampler is None else None
+    return configured or DEFAULT_NUM_INFERENCE_STEPS
+
+
+def sampler_name(sampler, pipeline) -> str:
+    if sampler is not None:
+        return sampler if isinstance(sampler, str) else sampler.get("name", "the configured sampler")
+    configured = getattr(getattr(pipeline, "config", None), "sampler", None)
+    return getattr(configured, "name", None) or "the configured sampler"
