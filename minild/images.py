@@ -61,11 +61,15 @@ def grid_column_labels(pipe) -> list[str] | None:
 
 
 def sampling_caption(pipe, conditions: dict, *, guidance_scale: float, num_inference_steps: int,
-                     sampler: str | None = None) -> str:
-    """``"cfg guidance, scale 3 · ddim, 50 steps"`` (no guidance for an unconditional grid)."""
+                     sampler: str | None = None, guidance: str | dict | None = None) -> str:
+    """``"cfg guidance, scale 3 · ddim, 50 steps"`` (no guidance for an unconditional grid);
+    ``guidance`` and ``sampler`` as given to ``generate`` (None: the pipeline's configured ones)."""
     steps = f"{sampler or pipe.config.sampler.name}, {num_inference_steps} steps"
-    guidance = getattr(pipe.config, "guidance", None)
-    method = guidance.name if guidance is not None else "cfg"
+    if guidance is None:
+        configured = getattr(pipe.config, "guidance", None)
+        method = configured.name if configured is not None else "cfg"
+    else:
+        method = guidance if isinstance(guidance, str) else guidance["name"]
     return f"{method} guidance, scale {guidance_scale:g} · {steps}" if conditions else steps
 
 
@@ -137,18 +141,13 @@ def save_labeled_grid(
     canvas = FigureCanvasAgg(figure)
     measure = _text_measurer(canvas.get_renderer())
     per_block = num_columns // num_blocks
-    scale = max(1, min(MAX_SCALE, math.ceil(MIN_CELL / max(height, width))))
-    column_blocks = [_wrap(text, per_block * (width + PADDING) * scale - 2 * MARGIN, measure)
-                     for text in column_blocks or []]  # long headers break at " · ", ":" and ","
-    widest_block = max((measure(text, LABEL_SIZE)[0] for text in column_blocks), default=0)
-    while scale < MAX_SCALE and per_block * (width + PADDING) * scale < widest_block + 2 * MARGIN:
-        scale += 1
+    scale, column_blocks = _enlargement(height, width, per_block, column_blocks or [], measure)
     pixels = _grid_pixels(rows, num_blocks, scale)  # [H', W', 3]
     cell_width, cell_height = (width + PADDING) * scale, (height + PADDING) * scale
     column_sizes = [measure(text, LABEL_SIZE) for text in column_labels or []]
-    rotate_columns = any(w > cell_width - 4 for w, _ in column_sizes)
+    rotate_columns = any(w > cell_width - 4 for w, _ in column_sizes)  # too wide: stand them upright
     column_header = max((w if rotate_columns else h for w, h in column_sizes), default=0)
-    block_header = max((measure(text, LABEL_SIZE)[1] for text in column_blocks or []), default=0)
+    block_header = max((measure(text, LABEL_SIZE)[1] for text in column_blocks), default=0)
     title_height = measure(title, TITLE_SIZE)[1] if title else 0
     left = MARGIN + (max(measure(text, LABEL_SIZE)[0] for text in row_labels) + MARGIN if row_labels else 0)
     top = MARGIN + sum(size + MARGIN for size in (title_height, block_header, column_header) if size)
@@ -215,6 +214,17 @@ def _grid_rows(images, row_labels, column_labels):
         raise ValueError(f"save_labeled_grid takes images [R, K, C, H, W] or [B, C, H, W] with C = 1 or 3, "
                          f"got shape {tuple(images.shape)}")
     return images.expand(-1, -1, 3, -1, -1)
+
+
+def _enlargement(height: int, width: int, per_block: int, block_labels: list[str], measure) -> tuple[int, list[str]]:
+    """The integer factor that makes images at least ``MIN_CELL`` pixels and blocks wide enough for
+    their headers, and the headers broken into lines (at " · ", ":" and ",") to fit their blocks."""
+    scale = max(1, min(MAX_SCALE, math.ceil(MIN_CELL / max(height, width))))
+    block_labels = [_wrap(text, per_block * (width + PADDING) * scale - 2 * MARGIN, measure) for text in block_labels]
+    widest = max((measure(text, LABEL_SIZE)[0] for text in block_labels), default=0)
+    while scale < MAX_SCALE and per_block * (width + PADDING) * scale < widest + 2 * MARGIN:
+        scale += 1
+    return scale, block_labels
 
 
 def _grid_pixels(rows, num_blocks: int, scale: int):

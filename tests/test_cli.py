@@ -15,6 +15,8 @@ from minild.config import ConfigError
 from minild.images import grid_conditions
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; see tests/conftest.py
+
 
 def test_train_then_sample_writes_pngs(tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
