@@ -14,6 +14,8 @@ from minild.images import grid_conditions, sampling_caption, save_sample_grid
 # 1.0 is the plain conditional model, 3.0 is the paper's w = 2.
 GUIDANCE_SCALE = 3.0
 GUIDANCE_HELP = "classifier-free guidance for class-conditional models: 1.0 = plain conditional, 0 = unconditional"
+RUN_GUIDANCE_HELP = ("guidance scale, diffusers' convention: 1.0 = plain conditional, 0 = unconditional "
+                     "(default: the run's guidance stage, plain conditional without one)")
 
 
 # What a user can fix (a config, a path, a missing package, a full disk): printed as one line.
@@ -51,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--max-minutes", type=float, default=None, help="stop after M minutes of training")
     train.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default: from the config)")
     train.add_argument("--grid", type=int, default=100, help="images in the sample grid written after training (0: none)")
-    train.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE, help=GUIDANCE_HELP)
+    train.add_argument("--guidance-scale", type=float, default=None, help=RUN_GUIDANCE_HELP)
     train.set_defaults(run=_train)
 
     train_vae = commands.add_parser("train-vae", help="train a VAE stage for latent diffusion and save it")
@@ -65,12 +67,16 @@ def _parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="sample a grid of images from a saved run")
     sample.add_argument("run_dir", help="directory written by `minild train` or Pipeline.save_pretrained")
     sample.add_argument("--num", type=int, default=100, help="number of images")
-    sample.add_argument("--steps", type=int, default=50, help="number of inference steps")
+    sample.add_argument("--steps", type=int, default=None,
+                        help="number of inference steps (default: the sampler's num_inference_steps, else 50)")
     sample.add_argument("--sampler", default=None, help="sampler name (default: the run's sampler)")
     sample.add_argument("--eta", type=float, default=None, help="DDIM eta (with --sampler ddim)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--class-label", type=int, default=None, help="generate only this class")
-    sample.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE, help=GUIDANCE_HELP)
+    sample.add_argument("--guidance", metavar="NAME[:KEY=VALUE,...]", default=None,
+                        help="guidance method and its params, e.g. apg or cfg_interval:scale=3,sigma_low=0.3 "
+                             "(default: the run's; see `minild plugins`)")
+    sample.add_argument("--guidance-scale", type=float, default=None, help=RUN_GUIDANCE_HELP)
     sample.add_argument("--no-ema", action="store_true", help="sample with the raw weights, not the EMA")
     sample.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/samples.png)")
     sample.set_defaults(run=_sample)
@@ -153,31 +159,48 @@ def _str_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def _guidance_specs(text: str) -> list[str | dict]:
-    """``cfg,cfg_interval:sigma_low=0.3,sigma_high=2,apg`` → ``["cfg", {"name": "cfg_interval",
-    "sigma_low": 0.3, "sigma_high": 2}, "apg"]``: a piece with ``=`` and no ``:`` is one more
-    parameter of the method before it; values are read as YAML scalars."""
-    import yaml
-
-    specs: list[str | dict] = []
+def _guidance_specs(text: str) -> list[dict]:
+    """``cfg,cfg_interval:sigma_low=0.3,sigma_high=2,apg`` → one ``parse_guidance`` spec per method:
+    a piece with ``=`` and no ``:`` is one more parameter of the method before it."""
+    methods: list[str] = []
     for piece in _str_list(text):
-        name, colon, assignment = piece.partition(":") if ":" in piece else ("", "", piece)
-        if not colon and "=" not in piece:
-            specs.append(piece)
-            continue
-        if colon:
-            specs.append({"name": name.strip()})
-        elif not specs:
-            raise argparse.ArgumentTypeError(f"{piece!r} has no method before it; write NAME:{piece}")
-        elif isinstance(specs[-1], str):
-            specs[-1] = {"name": specs[-1]}
-        if not assignment.strip():
-            continue  # "apg:" is just the name
-        key, equals, value = assignment.partition("=")
-        if not equals or not key.strip():
-            raise argparse.ArgumentTypeError(f"expected NAME[:key=value,…] in {text!r}, got {piece!r}")
-        specs[-1][key.strip()] = yaml.safe_load(value) if value.strip() else ""
-    return specs
+        if "=" in piece and ":" not in piece:
+            if not methods:
+                raise argparse.ArgumentTypeError(f"{piece!r} has no method before it; write NAME:{piece}")
+            methods[-1] += ("," if ":" in methods[-1] else ":") + piece
+        else:
+            methods.append(piece)
+    try:
+        return [parse_guidance(method) for method in methods]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).replace("--guidance", "--methods")) from None
+
+
+def parse_guidance(text: str) -> dict:
+    """``"cfg_interval:scale=3,sigma_low=0.3"`` → ``{"name": "cfg_interval", "scale": 3, "sigma_low": 0.3}``:
+    values that look like integers, numbers, booleans (true/false) or null become them."""
+    name, _, params = text.partition(":")
+    stage: dict = {"name": name.strip()}
+    if not stage["name"]:
+        raise ValueError(f"--guidance {text!r}: give a guidance name, e.g. --guidance apg or cfg_interval:scale=3")
+    for item in filter(None, (item.strip() for item in params.split(","))):
+        key, equals, value = (part.strip() for part in item.partition("="))
+        if not key or not equals:
+            raise ValueError(f"--guidance {text!r}: {item!r} is not KEY=VALUE; write e.g. {stage['name']}:scale=3")
+        stage[key] = _plain_value(value)
+    return stage
+
+
+def _plain_value(text: str):
+    words = {"true": True, "false": False, "null": None, "none": None}
+    if text.lower() in words:
+        return words[text.lower()]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _train(args) -> int:
@@ -205,8 +228,8 @@ def _train(args) -> int:
     if args.grid > 0:
         path = run_dir / "samples.png"
         conditions = grid_conditions(pipe, args.grid)
-        images = pipe.generate(args.grid, **conditions, guidance_scale=args.guidance_scale, num_inference_steps=50, seed=0)
-        caption = sampling_caption(pipe, conditions, guidance_scale=args.guidance_scale, num_inference_steps=50)
+        images = pipe.generate(args.grid, **conditions, guidance_scale=args.guidance_scale, seed=0)  # None: the config's
+        caption = sampling_caption(pipe, conditions, guidance_scale=args.guidance_scale)
         save_sample_grid(pipe, images, path, title=f"{run_dir.name} after {result.steps} steps · {caption} · seed 0")
         print(f"wrote {path}")
     return 0
@@ -237,6 +260,9 @@ def _train_vae(args) -> int:
 def _sample(args) -> int:
     from minild.pipeline import Pipeline
 
+    if args.num < 1:
+        raise ValueError(f"--num must be a positive number of images, got {args.num}")
+    guidance = parse_guidance(args.guidance) if args.guidance is not None else None
     pipe = Pipeline.from_pretrained(args.run_dir)
     sampler = None
     if args.sampler is not None or args.eta is not None:
@@ -248,12 +274,12 @@ def _sample(args) -> int:
     else:
         conditions = grid_conditions(pipe, args.num)
     images = pipe.generate(
-        args.num, **conditions, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
+        args.num, **conditions, guidance=guidance, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
         sampler=sampler, seed=args.seed, use_ema=not args.no_ema,
     )
     path = Path(args.out or Path(args.run_dir) / "samples.png")
-    caption = sampling_caption(pipe, conditions, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
-                               sampler=args.sampler)
+    caption = sampling_caption(pipe, conditions, guidance=guidance, guidance_scale=args.guidance_scale,
+                               num_inference_steps=args.steps, sampler=args.sampler)
     title = f"{Path(args.run_dir).name}: " + (f"class {args.class_label} · " if args.class_label is not None else "")
     title += f"{caption} · seed {args.seed}" + (" · raw weights" if args.no_ema and pipe.ema_model is not None else "")
     save_sample_grid(pipe, images, path, title=title, conditioned=args.class_label is None)

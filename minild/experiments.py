@@ -19,9 +19,8 @@ from minild.guidance_frontier import (
     guidance_name,
     plot_frontier,
     sampler_name,
-    steps_used,
 )
-from minild.images import save_labeled_grid
+from minild.images import inference_steps, save_labeled_grid
 from minild.metrics import (
     DigitClassifier,
     classify,
@@ -130,7 +129,7 @@ def run_cfg_digits(
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        steps = steps_used(num_inference_steps, sampler, pipeline)
+        steps = inference_steps(pipeline, num_inference_steps, sampler)
         settings = f"{per_class} digits per class, {sampler_name(sampler, pipeline)} with {steps} inference steps, seed {seed}"
         save_labeled_grid(torch.cat(blocks, dim=1), out_dir / "grid.png", row_labels=[str(d) for d in range(NUM_DIGITS)],
                           column_blocks=[f"{row['method']} · {row['guidance_scale']:g}" for row in rows],

@@ -15,11 +15,15 @@ from minild.schedule import NoiseSchedule
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def check_scale(scale: Any, where: str = "guidance scale") -> float:
+def check_number(value: Any, where: str, hint: str = "") -> float:
     """A finite real number (not a bool, not a string), as a float; else a ValueError naming ``where``."""
-    if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale):
-        raise ValueError(f"{where} must be a finite number (1.0 = plain conditional), got {scale!r}")
-    return float(scale)
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number{hint}, got {value!r}")
+    return float(value)
+
+
+def check_scale(scale: Any, where: str = "guidance scale") -> float:
+    return check_number(scale, where, " (1.0 = plain conditional)")
 
 
 def noise_levels(schedule: NoiseSchedule) -> torch.Tensor:
@@ -96,7 +100,8 @@ def guided_model_fn(model, cond: dict[str, Any], uncond: dict[str, Any], guider)
         if fixed:
             return fixed[0]
         step = int(t[0])
-        answer = (bool(guider.needs_cond(step)), bool(guider.needs_uncond(step)))
+        needs_cond = getattr(guider, "needs_cond", None)  # optional in the contract
+        answer = (needs_cond is None or bool(needs_cond(step)), bool(guider.needs_uncond(step)))
         if not getattr(guider, "uncond_depends_on_t", True):
             fixed.append(answer)
         return answer

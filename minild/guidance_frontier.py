@@ -10,7 +10,6 @@ from typing import BinaryIO
 import torch
 
 from minild.config import parse_stage
-from minild.generation import DEFAULT_NUM_INFERENCE_STEPS
 
 # A setting is on target when it is nearly always the requested digit and nearly as varied as real digits.
 TARGET_ACCURACY = 0.985
@@ -126,16 +125,6 @@ def check_methods(methods) -> list:
                              "'name' and the method's parameters")
         parse_stage("guidance", method, "methods", name)  # fails here, not after some cells
     return list(methods)
-
-
-def steps_used(num_inference_steps, sampler, pipeline) -> int:
-    """What ``generate`` walks when given ``num_inference_steps`` (None: the sampler's, else 50)."""
-    if num_inference_steps is not None:
-        return num_inference_steps
-    if isinstance(sampler, dict) and sampler.get("num_inference_steps"):
-        return sampler["num_inference_steps"]
-    configured = getattr(getattr(pipeline, "sampler", None), "num_inference_steps", None) if sampler is None else None
-    return configured or DEFAULT_NUM_INFERENCE_STEPS
 
 
 def sampler_name(sampler, pipeline) -> str:

@@ -60,17 +60,33 @@ def grid_column_labels(pipe) -> list[str] | None:
     return [names[i].split(" - ", 1)[0] if i < len(names) else str(i) for i in range(columns)]
 
 
-def sampling_caption(pipe, conditions: dict, *, guidance_scale: float, num_inference_steps: int,
-                     sampler: str | None = None, guidance: str | dict | None = None) -> str:
-    """``"cfg guidance, scale 3 · ddim, 50 steps"`` (no guidance for an unconditional grid);
-    ``guidance`` and ``sampler`` as given to ``generate`` (None: the pipeline's configured ones)."""
-    steps = f"{sampler or pipe.config.sampler.name}, {num_inference_steps} steps"
-    if guidance is None:
-        configured = getattr(pipe.config, "guidance", None)
-        method = configured.name if configured is not None else "cfg"
-    else:
-        method = guidance if isinstance(guidance, str) else guidance["name"]
-    return f"{method} guidance, scale {guidance_scale:g} · {steps}" if conditions else steps
+def inference_steps(pipe, num_inference_steps: int | None = None, sampler: str | dict | None = None) -> int:
+    """The number of steps ``generate`` walks for these arguments: the given number, else the
+    sampler's configured ``num_inference_steps``, else 50."""
+    from minild.generation import DEFAULT_NUM_INFERENCE_STEPS
+
+    if num_inference_steps is not None:
+        return num_inference_steps
+    if isinstance(sampler, dict) and sampler.get("num_inference_steps"):
+        return sampler["num_inference_steps"]
+    configured = getattr(getattr(pipe, "sampler", None), "num_inference_steps", None) if sampler is None else None
+    return configured or DEFAULT_NUM_INFERENCE_STEPS
+
+
+def sampling_caption(pipe, conditions: dict, *, guidance: str | dict | None = None, guidance_scale: float | None = None,
+                     num_inference_steps: int | None = None, sampler: str | dict | None = None) -> str:
+    """``"cfg guidance, scale 3 · ddim, 50 steps"`` for ``generate`` called with these arguments
+    (None: what the pipeline's config gives); no guidance for an unconditional grid."""
+    from minild import plugins
+    from minild.generation import guidance_spec
+
+    name = sampler if isinstance(sampler, str) else (sampler or {}).get("name") or pipe.config.sampler.name
+    steps = f"{name}, {inference_steps(pipe, num_inference_steps, sampler)} steps"
+    if not conditions:
+        return steps
+    spec = guidance_spec(pipe.config.guidance, guidance, guidance_scale)
+    scale = plugins.create("guidance", spec.name, **spec.params).scale
+    return f"{spec.name} guidance, scale {scale:g} · {steps}"
 
 
 def save_sample_grid(pipe, images, path: str | Path, *, title: str, conditioned: bool = True) -> "GridLayout":

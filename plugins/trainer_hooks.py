@@ -220,10 +220,11 @@ class SampleGrid:
     """Samples ``num_images`` with a fixed ``seed`` every ``every_steps`` steps and/or
     ``every_epochs`` epochs, with the EMA weights when the run keeps them, and writes
     ``run_dir/samples/step-000123.png``; the same seed makes grids comparable over training.
-    Class-conditional and text models get one labelled column per class or class prompt."""
+    Class-conditional and text models get one labelled column per class or class prompt;
+    ``guidance_scale`` None uses the config's guidance (the plain conditional model without one)."""
 
     def __init__(self, every_steps: int | None = None, every_epochs: int | None = 1, num_images: int = 20,
-                 seed: int = 0, num_inference_steps: int = 50, guidance_scale: float = 1.0):
+                 seed: int = 0, num_inference_steps: int = 50, guidance_scale: float | None = None):
         _check_counts("sample_grid", every_steps=every_steps, every_epochs=every_epochs, num_images=num_images,
                       num_inference_steps=num_inference_steps)
         self.every_steps, self.every_epochs = every_steps, every_epochs

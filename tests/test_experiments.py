@@ -217,7 +217,8 @@ def test_cli_cfg_digits_compares_guidance_methods(tmp_path, cached_classifier_en
 def test_cli_methods_are_names_with_optional_parameters():
     args = _parser().parse_args(["experiment", "cfg-digits", "RUN", "--methods", "cfg,cfg_interval:sigma_low=0.3,"
                                  "sigma_high=2", "apg", "--scales", "1", "1.5"])
-    assert args.methods == [["cfg", {"name": "cfg_interval", "sigma_low": 0.3, "sigma_high": 2}], ["apg"]]
+    assert args.methods == [[{"name": "cfg"}, {"name": "cfg_interval", "sigma_low": 0.3, "sigma_high": 2}],
+                            [{"name": "apg"}]]
     assert args.scales == [1.0, 1.5] and args.steps is None and args.sampler is None
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from minild.guidance import Guidance, check_scale
+from minild.guidance import Guidance, check_number
 
 
 class AdaptiveProjectedGuidance(Guidance):
@@ -30,9 +30,9 @@ class AdaptiveProjectedGuidance(Guidance):
 
     def __init__(self, *, scale: float = 3.0, momentum: float = -0.5, norm_threshold: float = 2.5, eta: float = 0.0):
         super().__init__(scale=scale)
-        self.momentum = check_scale(momentum, "apg momentum")
-        self.norm_threshold = check_scale(norm_threshold, "apg norm_threshold")
-        self.eta = check_scale(eta, "apg eta")
+        self.momentum = check_number(momentum, "apg momentum")
+        self.norm_threshold = check_number(norm_threshold, "apg norm_threshold")
+        self.eta = check_number(eta, "apg eta")
         if self.norm_threshold < 0:
             raise ValueError(f"apg norm_threshold must be >= 0 (0 = no rescaling), got {norm_threshold}")
         if not -1.0 < self.momentum < 1.0:

@@ -3,9 +3,11 @@ interval improves sample and distribution quality in diffusion models")."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from minild.guidance import Guidance, check_scale
+from minild.guidance import Guidance, check_number
 
 
 class IntervalGuidance(Guidance):
@@ -19,14 +21,16 @@ class IntervalGuidance(Guidance):
     D = x_0-predictions at a fixed x_t. The defaults are the paper's interval for EDM2-S on
     ImageNet-512, (0.28, 5.42]: no guidance at the highest noise levels (where it only pulls
     samples towards the class mean and costs diversity) nor at the lowest (where it does little).
+    ``sigma_high: .inf`` (YAML) guides at every noise level above ``sigma_low``.
     """
 
     uncond_depends_on_t = True
 
     def __init__(self, *, scale: float = 3.0, sigma_low: float = 0.28, sigma_high: float = 5.42):
         super().__init__(scale=scale)
-        sigma_low = check_scale(sigma_low, "cfg_interval sigma_low")
-        sigma_high = check_scale(sigma_high, "cfg_interval sigma_high")
+        sigma_low = check_number(sigma_low, "cfg_interval sigma_low")
+        if sigma_high != math.inf:  # inf: guide at every noise level above sigma_low
+            sigma_high = check_number(sigma_high, "cfg_interval sigma_high")
         if not 0.0 <= sigma_low < sigma_high:
             raise ValueError(
                 f"cfg_interval needs 0 <= sigma_low < sigma_high, got sigma_low={sigma_low}, sigma_high={sigma_high}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from minild.guidance import Guidance, check_scale
+from minild.guidance import Guidance, check_number
 
 
 class RescaledGuidance(Guidance):
@@ -20,7 +20,7 @@ class RescaledGuidance(Guidance):
 
     def __init__(self, *, scale: float = 3.0, phi: float = 0.7):
         super().__init__(scale=scale)
-        phi = check_scale(phi, "cfg_rescale phi")
+        phi = check_number(phi, "cfg_rescale phi")
         if not 0.0 <= phi <= 1.0:
             raise ValueError(f"cfg_rescale phi must lie in [0, 1] (0 = plain CFG), got {phi}")
         self.phi = phi
