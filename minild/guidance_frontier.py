@@ -18,11 +18,11 @@ ZOOM_ACCURACY = 0.9  # the right panel shows only settings at least this accurat
 
 
 def plot_frontier(rows: list[dict], baseline: dict, path: str | Path | BinaryIO, *, title: str = "") -> None:
-    """Write ``frontier.png``: x = digit-FID (log scale), y = mean accuracy; one line with markers
+    """Write ``frontier.png``: x = digit-FID, y = mean accuracy; one line with markers
     per ``row["method"]`` through its ``guidance_scale`` values (each point annotated with its
     scale); the real-digit floor (``baseline``'s digit-FID and accuracy) as a star and dashed lines;
     the target region (accuracy ≥ 98.5 %, digit-FID ≤ 1.3 × floor) shaded. The left panel shows
-    every setting, the right one zooms in on those at least 90 % accurate.
+    every setting (FID on a log scale), the right one zooms in on those at least 90 % accurate.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -170,6 +170,7 @@ def save_labeled_grid(
     left, top = math.ceil(left), math.ceil(top)
     figure_width = max(left + pixels.shape[1] + MARGIN, math.ceil(measure(title, TITLE_SIZE)[0]) + 2 * MARGIN
                        if title else 0)
+    left += (figure_width - left - pixels.shape[1] - MARGIN) // 2  # centred under a title wider than the grid
     figure_height = top + pixels.shape[0] + MARGIN
     figure.set_size_inches(figure_width / 100, figure_height / 100)
     figure.figimage(pixels, xo=left, yo=MARGIN, origin="upper")
