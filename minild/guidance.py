@@ -46,6 +46,7 @@ class Guidance:
         self.scale = check_scale(scale, "guidance scale")
         self.schedule: NoiseSchedule | None = None
         self.sigmas: torch.Tensor | None = None
+        self._on_device: dict = {}
 
     def bind(self, schedule: NoiseSchedule | None) -> "Guidance":
         """A fresh guider for one sampling run on ``schedule``: a copy, its state reset."""

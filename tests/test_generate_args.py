@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import minild
 from minild.cli import main, parse_guidance
@@ -145,3 +146,19 @@ def test_sample_refuses_bad_options_in_one_line(run_dir, tmp_path, capsys, flags
     err = capsys.readouterr().err
     assert err.startswith("minild: error:") and err.count("\n") == 1
     assert re.search(message, err), err
+
+
+def test_train_grid_uses_the_config_guidance_unless_a_scale_is_given(tmp_path, monkeypatch):
+    from tests.conftest import tiny_config
+
+    seen = []
+    original = minild.Pipeline.generate
+    monkeypatch.setattr(minild.Pipeline, "generate", lambda self, *a, **k: seen.append(k) or original(self, *a, **k))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(guidance={"name": "apg", "scale": 2.0},
+                                                 model={"num_classes": 10})))
+    args = ["train", str(config), "--out", str(tmp_path / "run"), "--max-steps", "1", "--grid", "2"]
+    assert main(args) == 0
+    assert seen[-1]["guidance_scale"] is None and seen[-1].get("guidance") is None  # the config's apg at 2.0
+    assert main([*args, "--guidance-scale", "4"]) == 0
+    assert seen[-1]["guidance_scale"] == 4.0

@@ -37,6 +37,7 @@ class AdaptiveProjectedGuidance(Guidance):
             raise ValueError(f"apg norm_threshold must be >= 0 (0 = no rescaling), got {norm_threshold}")
         if not -1.0 < self.momentum < 1.0:
             raise ValueError(f"apg momentum must lie in (-1, 1) (the paper uses -0.5), got {momentum}")
+        self.reset()
 
     def reset(self) -> None:
         self.running_average: torch.Tensor | None = None  # Δ̄ of the steps so far, [B, C, H, W]

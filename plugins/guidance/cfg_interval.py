@@ -36,6 +36,7 @@ class IntervalGuidance(Guidance):
                 f"cfg_interval needs 0 <= sigma_low < sigma_high, got sigma_low={sigma_low}, sigma_high={sigma_high}"
             )
         self.sigma_low, self.sigma_high = sigma_low, sigma_high
+        self.reset()  # unbound: no schedule yet
 
     def reset(self) -> None:
         self.sigma_values = self.sigmas.tolist() if self.sigmas is not None else None
