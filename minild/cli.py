@@ -8,7 +8,7 @@ from pathlib import Path
 
 from minild import plugins
 from minild.errors import UnavailableError
-from minild.images import grid_columns, grid_conditions, save_grid
+from minild.images import grid_conditions, sampling_caption, save_sample_grid
 
 # Classifier-free guidance for class-conditional models, in diffusers' convention:
 # 1.0 is the plain conditional model, 3.0 is the paper's w = 2.
@@ -88,9 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     experiments = experiment.add_subparsers(dest="experiment", required=True)
     cfg = experiments.add_parser("cfg-digits", help="class accuracy and digit-FID across guidance scales")
     cfg.add_argument("run_dir", help="a saved class-conditional digit run")
-    cfg.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 3.0, 5.0, 7.5], help=GUIDANCE_HELP)
-    cfg.add_argument("--per-class", type=int, default=100, help="images per digit and scale")
-    cfg.add_argument("--steps", type=int, default=50, help="number of inference steps")
+    cfg.add_argument("--methods", type=_guidance_specs, nargs="+", default=None, metavar="NAME[:k=v,…]",
+                     help="guidance methods to compare, comma-separated, each with optional parameters, e.g. "
+                          "cfg,cfg_interval:sigma_low=0.3,apg (default: the run's configured guidance)")
+    cfg.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 3.0, 5.0, 7.5],
+                     help=GUIDANCE_HELP + "; each method is run at every scale")
+    cfg.add_argument("--per-class", type=int, default=100, help="images per digit, method and scale")
+    cfg.add_argument("--sampler", default=None, help="sampler name (default: the run's sampler)")
+    cfg.add_argument("--steps", type=int, default=None, help="number of inference steps (default: the pipeline's)")
     cfg.add_argument("--seed", type=int, default=0)
     cfg.add_argument("--batch-size", type=int, default=200, help="images per generate() call")
     cfg.add_argument("--out", default=None, help="output folder (default: RUN_DIR/cfg_digits)")
@@ -154,6 +159,23 @@ def _str_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _guidance_specs(text: str) -> list[dict]:
+    """``cfg,cfg_interval:sigma_low=0.3,sigma_high=2,apg`` → one ``parse_guidance`` spec per method:
+    a piece with ``=`` and no ``:`` is one more parameter of the method before it."""
+    methods: list[str] = []
+    for piece in _str_list(text):
+        if "=" in piece and ":" not in piece:
+            if not methods:
+                raise argparse.ArgumentTypeError(f"{piece!r} has no method before it; write NAME:{piece}")
+            methods[-1] += ("," if ":" in methods[-1] else ":") + piece
+        else:
+            methods.append(piece)
+    try:
+        return [parse_guidance(method) for method in methods]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).replace("--guidance", "--methods")) from None
+
+
 def parse_guidance(text: str) -> dict:
     """``"cfg_interval:scale=3,sigma_low=0.3"`` → ``{"name": "cfg_interval", "scale": 3, "sigma_low": 0.3}``:
     values that look like integers, numbers, booleans (true/false) or null become them."""
@@ -207,7 +229,8 @@ def _train(args) -> int:
         path = run_dir / "samples.png"
         conditions = grid_conditions(pipe, args.grid)
         images = pipe.generate(args.grid, **conditions, guidance_scale=args.guidance_scale, seed=0)  # None: the config's
-        save_grid(images, path, nrow=grid_columns(pipe))
+        caption = sampling_caption(pipe, conditions, guidance_scale=args.guidance_scale)
+        save_sample_grid(pipe, images, path, title=f"{run_dir.name} after {result.steps} steps · {caption} · seed 0")
         print(f"wrote {path}")
     return 0
 
@@ -255,7 +278,11 @@ def _sample(args) -> int:
         sampler=sampler, seed=args.seed, use_ema=not args.no_ema,
     )
     path = Path(args.out or Path(args.run_dir) / "samples.png")
-    save_grid(images, path, nrow=None if args.class_label is not None else grid_columns(pipe))
+    caption = sampling_caption(pipe, conditions, guidance=guidance, guidance_scale=args.guidance_scale,
+                               num_inference_steps=args.steps, sampler=args.sampler)
+    title = f"{Path(args.run_dir).name}: " + (f"class {args.class_label} · " if args.class_label is not None else "")
+    title += f"{caption} · seed {args.seed}" + (" · raw weights" if args.no_ema and pipe.ema_model is not None else "")
+    save_sample_grid(pipe, images, path, title=title, conditioned=args.class_label is None)
     print(f"wrote {path}")
     return 0
 
@@ -296,8 +323,9 @@ def _experiment(args) -> int:
     classifier = load_digit_classifier()
     print(f"digit classifier: {classifier.info['test_accuracy']:.1%} accuracy on the held-out test digits")
     if args.experiment == "cfg-digits":
-        experiments.run_cfg_digits(pipe, guidance_scales=args.scales, per_class=args.per_class, out_dir=out,
-                                   classifier=classifier, log=print, **common)
+        methods = [spec for specs in args.methods for spec in specs] if args.methods else None
+        experiments.run_cfg_digits(pipe, methods=methods, guidance_scales=args.scales, per_class=args.per_class,
+                                   sampler=args.sampler, out_dir=out, classifier=classifier, log=print, **common)
         print((out / "results.md").read_text())
     else:
         experiments.run_prompt_digits(pipe, prompts, per_prompt=args.per_prompt, guidance_scale=args.guidance_scale,

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from minild import checkpoint, hookimpl, plugins
-from minild.images import grid_columns, grid_conditions, save_titled_grid
+from minild.images import grid_conditions, sampling_caption, save_sample_grid
 from minild.io import atomic_write
 
 
@@ -220,8 +220,8 @@ class SampleGrid:
     """Samples ``num_images`` with a fixed ``seed`` every ``every_steps`` steps and/or
     ``every_epochs`` epochs, with the EMA weights when the run keeps them, and writes
     ``run_dir/samples/step-000123.png``; the same seed makes grids comparable over training.
-    Class-conditional models get one column per class; ``guidance_scale`` None uses the
-    config's guidance (the plain conditional model without one)."""
+    Class-conditional and text models get one labelled column per class or class prompt;
+    ``guidance_scale`` None uses the config's guidance (the plain conditional model without one)."""
 
     def __init__(self, every_steps: int | None = None, every_epochs: int | None = 1, num_images: int = 20,
                  seed: int = 0, num_inference_steps: int = 50, guidance_scale: float | None = None):
@@ -250,17 +250,19 @@ class SampleGrid:
         if not trainer.is_main_process or self.last_step == trainer.step:
             return
         pipe = trainer.pipeline
+        conditions = grid_conditions(pipe, self.num_images)
         images = pipe.generate(
-            self.num_images, **grid_conditions(pipe, self.num_images), guidance_scale=self.guidance_scale,
+            self.num_images, **conditions, guidance_scale=self.guidance_scale,
             num_inference_steps=self.num_inference_steps, seed=self.seed, device=str(trainer.device),
         )
         trainer.model.train()  # generate() put it in eval mode
         path = self.directory / f"{checkpoint.checkpoint_dir_name(trainer.step)}.png"
         weights = "EMA" if pipe.ema_model is not None else "raw"
-        title = f"Samples after {trainer.step} steps, {trainer.epoch} epochs (seed {self.seed}, {weights} weights)"
-        if grid_columns(pipe) is not None:
-            title += f"\none column per class: 0 … {grid_columns(pipe) - 1}"
-        save_titled_grid(images, path, title, nrow=grid_columns(pipe))
+        caption = sampling_caption(pipe, conditions, guidance_scale=self.guidance_scale,
+                                   num_inference_steps=self.num_inference_steps)
+        title = (f"Samples after {trainer.step} steps, {trainer.epoch} epochs\n"
+                 f"{caption} · seed {self.seed} · {weights} weights")
+        save_sample_grid(pipe, images, path, title=title)
         self.last_step = trainer.step
         hook = plugins.get_plugin_manager().hook
         hook.minild_samples_saved(trainer=trainer, path=path, step=trainer.step, images=images)
