@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from minild.conditioning import DEFAULT_PROMPT_TEMPLATES, class_prompt_name, wants_text
+from minild.io import atomic_write
 
 
 def grid_labels(pipe, num: int) -> list[int] | None:
@@ -46,9 +47,8 @@ def save_grid(images, path: str | Path, nrow: int | None = None) -> None:
     """Write ``[B, C, H, W]`` images in [0, 1] as one PNG grid (square-ish unless ``nrow`` is given)."""
     from torchvision.utils import save_image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, str(path), nrow=nrow or math.ceil(math.sqrt(len(images))), padding=2)
+    nrow = nrow or math.ceil(math.sqrt(len(images)))
+    atomic_write(path, lambda tmp: save_image(images, str(tmp), format="png", nrow=nrow, padding=2))
 
 
 def save_titled_grid(images, path: str | Path, title: str, nrow: int | None = None) -> None:
@@ -67,6 +67,4 @@ def save_titled_grid(images, path: str | Path, title: str, nrow: int | None = No
     axes.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     axes.set_axis_off()
     figure.text(0.5, 1 - 4 / (height + header), title, fontsize=10, ha="center", va="top")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
