@@ -186,6 +186,7 @@ def _train(args) -> int:
     if result.resumed_from is not None:
         print(f"resumed from {result.resumed_from}")
     pipe.save_pretrained(run_dir)
+    runs.mark_saved(run_dir)
     print(
         f"trained {result.steps} steps ({result.epochs_completed} epochs) in {result.seconds:.0f}s, "
         f"stopped by {result.reason}; final loss {_mean_tail(result.losses):.4f}; saved to {run_dir}"

@@ -33,7 +33,9 @@ class RunDirError(ValueError):
 @dataclass
 class RunInfo:
     """What a run directory holds. ``status``: ``"running"`` (or killed), ``"interrupted"``,
-    ``"stopped"`` (e.g. a non-finite loss) or ``"finished"`` (a budget ran out)."""
+    ``"stopped"`` (e.g. a non-finite loss), ``"finished"`` (a budget ran out and the pipeline
+    was saved: ``mark_saved``) or ``"unsaved"`` (a budget ran out, the pipeline not saved
+    since: resuming it stops at once and saves it)."""
 
     status: str
     config: dict[str, Any] | None  # the pipeline config it was started with, as comparable_config gives it
@@ -45,7 +47,7 @@ class RunInfo:
         return self.status == "finished"
 
     def describe(self) -> str:
-        if self.finished:
+        if self.status in ("finished", "unsaved"):
             return "a finished run" + (f" ({self.step} steps)" if self.step is not None else "")
         newest = f"newest checkpoint {self.checkpoint.name}" if self.checkpoint is not None else "no checkpoint"
         return f"an unfinished run ({newest})"
@@ -79,7 +81,10 @@ def read_run(run_dir: str | Path) -> RunInfo | None:
     state_path = run_dir / RUN_STATE_NAME
     if state_path.is_file():
         state = _read_json(state_path)
-        return RunInfo(state.get("status", "running"), state.get("config"), state.get("step"), newest)
+        status = state.get("status", "running")
+        if status == "finished" and state.get("saved_step") != state.get("step"):
+            status = "unsaved"
+        return RunInfo(status, state.get("config"), state.get("step"), newest)
     if newest is not None:
         manifest = _read_json(newest / checkpoint.MANIFEST_NAME)
         config = manifest.get("pipeline")
@@ -97,8 +102,17 @@ def write_run_state(run_dir: str | Path, config: PipelineConfig, *, status: str,
                     trained_seconds: float) -> None:
     state = {"status": status, "step": step, "reason": reason, "trained_seconds": round(trained_seconds, 3),
              "config": comparable_config(config)}
-    text = json.dumps(state, indent=1)
-    atomic_write(Path(run_dir) / RUN_STATE_NAME, lambda tmp: Path(tmp).write_text(text))
+    _write_json(Path(run_dir) / RUN_STATE_NAME, state)
+
+
+def mark_saved(run_dir: str | Path) -> None:
+    """Record in ``run.json`` that the pipeline of the run's last step is saved in ``run_dir``
+    (``minild train`` calls it after ``save_pretrained``): only then is a finished run finished."""
+    path = Path(run_dir) / RUN_STATE_NAME
+    state = _read_json(path)
+    if state:
+        state["saved_step"] = state.get("step")
+        _write_json(path, state)
 
 
 def run_status(reason: str | None) -> str:
@@ -150,6 +164,11 @@ def clear_run(run_dir: str | Path) -> None:
         shutil.rmtree(run_dir / name, ignore_errors=True)
     for name in (*RUN_FILES, RUN_STATE_NAME):
         (run_dir / name).unlink(missing_ok=True)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    text = json.dumps(data, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -279,6 +279,16 @@ def test_a_run_of_another_config_is_refused_naming_resume_and_overwrite(tmp_path
     assert runs.read_run(run_dir).config == runs.comparable_config(minild.Pipeline.from_config(other).config)
 
 
+def test_a_run_killed_between_its_last_step_and_saving_the_pipeline_is_resumed_and_saved(tmp_path, capsys):
+    config, run_dir = write_config(tmp_path, hooks=["checkpoint"]), tmp_path / "run"
+    minild.Pipeline.from_config(config).train(run_dir=run_dir, max_steps=2)  # no save_pretrained
+    assert runs.read_run(run_dir).status == "unsaved"
+    assert cli_train(config, run_dir) == 0
+    out = capsys.readouterr().out
+    assert "resuming it from step-000002" in out and "trained 2 steps" in out  # no step more
+    assert runs.read_run(run_dir).finished and (run_dir / "model.safetensors").is_file()
+
+
 def test_an_unfinished_run_without_a_checkpoint_starts_over(tmp_path, capsys):
     config, run_dir = write_config(tmp_path), tmp_path / "run"
     run_dir.mkdir()
