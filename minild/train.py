@@ -68,8 +68,6 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.processes = Processes(config.device)
         self.is_main_process = self.processes.is_main
-        if self.run_dir is not None:
-            self._claim_run_dir(overwrite)
         self.device = self.processes.device or resolve_device(config.device)
         if config.precision == "fp16" and self.device.type != "cuda":
             raise ValueError(
@@ -106,6 +104,8 @@ class Trainer:
         self._checkpoint: Path | None = None
         self._checkpointed_step: int | None = None
         self._state_written = False
+        if self.run_dir is not None:
+            self._claim_run_dir(overwrite)
 
     @property
     def trained_seconds(self) -> float:
