@@ -148,7 +148,8 @@ def plan_run(run_dir: str | Path, config: PipelineConfig) -> RunPlan:
         )
     if info.finished:
         return RunPlan("done", f"{run_dir} already holds a finished run of this config: nothing to train "
-                               f"(`--overwrite` trains it again, `--resume {run_dir} --max-steps N` trains it further)")
+                               f"(`--overwrite` trains it again, `--resume {run_dir}` with a larger "
+                               "--max-minutes or --max-steps trains it further)")
     if info.checkpoint is not None:
         return RunPlan("resume", f"{run_dir} holds an unfinished run of this config: resuming it from "
                                  f"{info.checkpoint.name} (`--overwrite` starts over)")

@@ -259,7 +259,7 @@ def test_rerunning_a_finished_run_trains_nothing_and_succeeds(tmp_path, capsys):
     assert cli_train(config, run_dir) == 0
     assert capsys.readouterr().out.splitlines() == [
         f"{run_dir} already holds a finished run of this config: nothing to train (`--overwrite` trains it again, "
-        f"`--resume {run_dir} --max-steps N` trains it further)"
+        f"`--resume {run_dir}` with a larger --max-minutes or --max-steps trains it further)"
     ]
     assert (run_dir / "model.safetensors").read_bytes() == weights
 
