@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from minild import plugins
+from minild import plugins, runs
 from minild.errors import UnavailableError
 from minild.images import grid_conditions, sampling_caption, save_sample_grid
 
@@ -21,6 +22,7 @@ RUN_GUIDANCE_HELP = ("guidance scale, diffusers' convention: 1.0 = plain conditi
 # What a user can fix (a config, a path, a missing package, a full disk): printed as one line.
 # Anything else is a bug in minild or a plugin and keeps its traceback.
 USER_ERRORS = (ValueError, OSError, UnavailableError)
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args) or 0
+    except KeyboardInterrupt:  # a second Ctrl-C: the files written so far are complete ones
+        if args.debug:
+            raise
+        print("minild: aborted", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     except USER_ERRORS as err:
         if args.debug:
             raise
@@ -49,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="run directory to save into (default: runs/<config name>, or RUN_DIR)")
     train.add_argument("--resume", metavar="RUN_DIR", default=None,
                        help="continue RUN_DIR from its newest complete checkpoint (see the `checkpoint` hook)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="delete the run that --out holds and start over (by default an unfinished run of the "
+                            "same config is resumed, a finished one left as it is, another config's refused)")
     train.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
     train.add_argument("--max-minutes", type=float, default=None, help="stop after M minutes of training")
     train.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default: from the config)")
@@ -215,16 +225,31 @@ def _train(args) -> int:
     if args.device is not None:
         overrides["device"] = args.device
     run_dir = Path(args.out or args.resume or Path("runs") / Path(args.config).stem)
-    result = pipe.train(run_dir=run_dir, resume=args.resume, **overrides)
+    if args.overwrite and args.resume:
+        raise ValueError("--overwrite and --resume exclude each other: --resume continues a run, --overwrite deletes it")
+    resume, overwrite = args.resume, args.overwrite
+    if resume is None and not overwrite:
+        plan = runs.plan_run(run_dir, pipe.config)
+        if plan.message and _is_main_process():
+            print(plan.message)
+        if plan.action == "done":
+            return 0
+        resume, overwrite = (run_dir if plan.action == "resume" else None), plan.overwrite
+    result = pipe.train(run_dir=run_dir, resume=resume, overwrite=overwrite, **overrides)
     if not result.main_process:  # the other processes of an `accelerate launch` run
-        return 0
+        return INTERRUPTED_EXIT_CODE if result.interrupted else 0
     if result.resumed_from is not None:
         print(f"resumed from {result.resumed_from}")
     pipe.save_pretrained(run_dir)
+    runs.mark_saved(run_dir)
     print(
         f"trained {result.steps} steps ({result.epochs_completed} epochs) in {result.seconds:.0f}s, "
         f"stopped by {result.reason}; final loss {_mean_tail(result.losses):.4f}; saved to {run_dir}"
     )
+    if result.interrupted:
+        saved = f"checkpoint {result.checkpoint} and " if result.checkpoint is not None else ""
+        print(f"interrupted: saved {saved}the pipeline; continue with `minild train {args.config} --resume {run_dir}`")
+        return INTERRUPTED_EXIT_CODE
     if args.grid > 0:
         path = run_dir / "samples.png"
         conditions = grid_conditions(pipe, args.grid)
@@ -350,6 +375,10 @@ def _lab_sdxl(args) -> int:
           f"({results.settings['scheduler_class']})")
     print(f"wrote {Path(args.out) / 'index.html'} and {Path(args.out) / 'results.json'}")
     return 0
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # torchrun and accelerate launch set RANK per process
 
 
 def _mean_tail(values: list[float], n: int = 50) -> float:

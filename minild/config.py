@@ -17,6 +17,7 @@ from typing import Any, Union
 import yaml
 
 from minild import plugins
+from minild.io import atomic_write
 
 
 class ConfigError(ValueError):
@@ -57,7 +58,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0  # max global grad norm; None disables clipping
     max_steps: int | None = None
     epochs: int | None = None
-    max_minutes: float | None = None  # wall-clock budget of one train() call
+    max_minutes: float | None = None  # training-time budget of the run; a resumed run counts its time before
     p_uncond: float = 0.1  # condition dropout for classifier-free guidance
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -91,7 +92,7 @@ class PipelineConfig:
         return out
 
     def dump(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        _dump_yaml(self.to_dict(), path)
 
 
 @dataclass
@@ -119,7 +120,12 @@ class VAETrainingConfig:
         return {"vae": self.vae.to_dict(), "data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train)}
 
     def dump(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        _dump_yaml(self.to_dict(), path)
+
+
+def _dump_yaml(data: dict[str, Any], path: str | Path) -> None:
+    text = yaml.safe_dump(data, sort_keys=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 STAGE_KINDS = {

@@ -155,6 +155,12 @@ def register_trainer_hooks(register):
     ``register(name, factory)`` where ``factory(**params)`` returns an object
     implementing any of the ``minild_*`` trainer hooks below. The trainer registers
     that object with the plugin manager for the duration of one training run.
+
+    An object that writes files into ``trainer.run_dir`` sets the class attribute
+    ``writes_files = True``: a run without a run directory (``Pipeline.train()`` without
+    ``run_dir=``) then leaves it out, with one warning naming every hook left out, so its
+    hooks always see a ``run_dir`` Path. A run directory belongs to one run: a hook may
+    assume files there are its own run's (a resumed run's included).
     """
 
 
@@ -165,7 +171,9 @@ def register_trainer_hooks(register):
 #   (TrainConfig), device, run_dir (Path or None), step (optimizer steps done),
 #   epoch (full passes done), steps_per_epoch, total_steps (None under a time budget
 #   alone), losses / epoch_losses (the whole run's history, resumed runs included),
-#   resumed_from (checkpoint Path or None), is_main_process (False on the other
+#   resumed_from (checkpoint Path or None), seconds_before (training time before this
+#   call, from the checkpoint resumed), trained_seconds (the run's training time so far,
+#   which max_minutes limits), is_main_process (False on the other
 #   processes of a multi-process run: write files only on the main one), and
 #   request_stop(reason) (stop after the current step; the first reason wins),
 #   save_checkpoint() -> Path (writes run_dir/checkpoints/step-…; None off the main process).
@@ -180,8 +188,10 @@ def register_trainer_hooks(register):
 @hookspec
 def minild_train_start(trainer):
     """Training is about to take its first step (after any resume: ``trainer.step``
-    and ``trainer.resumed_from`` say where it continues). Raise ``ValueError`` to
-    refuse the run, e.g. when a hook needs ``trainer.run_dir`` and it is None."""
+    and ``trainer.resumed_from`` say where it continues). Raise ``ValueError`` (or
+    ``minild.UnavailableError`` for a missing package) to refuse the run, e.g. for a
+    setting it cannot work with. Hooks with ``writes_files`` are only called with a
+    ``trainer.run_dir``."""
 
 
 @hookspec
@@ -217,5 +227,11 @@ def minild_samples_saved(trainer, path, step, images):
 @hookspec
 def minild_train_end(trainer, reason):
     """Training stopped; ``reason`` is ``"max_steps"``, ``"max_minutes"``,
-    ``"epochs"``, a message starting ``"non-finite loss"`` or the text given to
-    ``trainer.request_stop``."""
+    ``"epochs"``, ``"interrupted (SIGINT)"`` or ``"interrupted (SIGTERM)"`` (Ctrl-C or a
+    kill: the step in progress was finished; ``minild.interrupts.is_interrupt(reason)``),
+    a message starting ``"non-finite loss"`` or the text given to ``trainer.request_stop``.
+
+    Called inside the signal handling: a second Ctrl-C while hooks run here raises
+    ``KeyboardInterrupt``, so write files atomically (``minild.io.atomic_write``). After
+    the hooks, an interrupted run with a run directory that no hook checkpointed at its
+    last step gets a checkpoint (``minild_checkpoint_saved`` follows this call then)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import BinaryIO, Sequence
 
 from minild.conditioning import DEFAULT_PROMPT_TEMPLATES, class_prompt_name, wants_text
+from minild.io import atomic_write
 
 
 def grid_labels(pipe, num: int) -> list[int] | None:
@@ -197,10 +198,10 @@ def save_labeled_grid(
         put("column", text, x, top - MARGIN, ha="center", va="bottom", rotation=90 if rotate_columns else 0)
     for row, text in enumerate(row_labels or []):
         put("row", text, left - MARGIN, top + scale * PADDING / 2 + (row + 0.5) * cell_height, ha="right", va="center")
-    if isinstance(path, (str, Path)):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=100)
+    if isinstance(path, (str, Path)):  # to a temporary name, then renamed: no half-written PNG
+        atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    else:
+        figure.savefig(path, format="png", dpi=100)
     return layout
 
 

@@ -143,10 +143,17 @@ class Pipeline:
         )
 
     def train(self, dataset=None, *, run_dir: str | Path | None = None, resume: str | Path | None = None,
-              **overrides: Any) -> TrainResult:
+              overwrite: bool = False, **overrides: Any) -> TrainResult:
         """Train the eps-model; ``overrides`` replace ``train`` config keys for this call
         (e.g. ``max_steps=100``). Uses the configured dataset unless one is given.
-        ``resume``: a run directory to continue from its newest complete checkpoint."""
+
+        ``run_dir``: where the file-writing hooks (metrics_log, loss_plot, sample_grid,
+        checkpoint, tensorboard) write; without one they are skipped, with one warning.
+        ``resume``: a run directory to continue from its newest complete checkpoint. A
+        ``run_dir`` that already holds a run is refused unless ``overwrite`` deletes that run.
+        Ctrl-C (or SIGTERM) stops after the current step and returns the result with
+        ``interrupted=True`` (after writing a checkpoint when there is a run directory); a
+        second Ctrl-C raises ``KeyboardInterrupt`` at once."""
         train_config = copy.deepcopy(self.config.train)
         for key, value in overrides.items():
             if not hasattr(train_config, key):
@@ -164,7 +171,7 @@ class Pipeline:
         if self.config.image_shape is None:
             self.config.image_shape = list(dataset.images.shape[1:] if hasattr(dataset, "images") else dataset[0][0].shape)
         self.check_model_input()
-        return Trainer(self, train_config, run_dir=run_dir, resume=resume).fit(dataset)
+        return Trainer(self, train_config, run_dir=run_dir, resume=resume, overwrite=overwrite).fit(dataset)
 
     def check_model_input(self) -> None:
         """Fail before any work, naming the config keys to change, when the model cannot

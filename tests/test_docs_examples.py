@@ -49,9 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "examples" / "minild-euler" / "README.md"]
 
 # (file, text that occurs in exactly one of its blocks) → why that block fails today.
-EXPECTED_FAILURES = {
-    ("README.md", "pipe.train(max_steps=2000)"): "train() without a run dir (being fixed)",
-}
+EXPECTED_FAILURES: dict[tuple[str, str], str] = {}
 
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>```+|~~~+)\s*(?P<lang>[\w+-]*)")
 MARKER = "<!-- example:"
