@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     sdxl.add_argument("--seeds", type=_int_list, default=[0], help="comma-separated seeds, e.g. 0,1,2")
     sdxl.add_argument("--scheduler", default="default",
                       help="default (the model's), ddim, ddpm, euler, euler_a, dpm++2m, dpm++2m_karras, unipc, "
-                           "or minild:<sampler> (e.g. minild:ddim)")
+                           "or minild:<sampler>[:key=value,...] (e.g. minild:dpm_solver_pp, minild:ddim:eta=1)")
     sdxl.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's, 1024x1024 for SDXL)")
     sdxl.add_argument("--out", required=True, help="output folder")
     sdxl.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")

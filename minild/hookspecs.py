@@ -69,11 +69,28 @@ def register_samplers(register):
     - returns the final sample ``[B, C, H, W]`` in model space (images in [-1, 1]).
 
     Optionally, the step-wise interface that lets the sampler drive diffusers pipelines
-    (``minild.diffusers_adapter.MinildScheduler``, ``--scheduler minild:<name>``):
+    (``minild.diffusers_adapter.MinildScheduler``, ``--scheduler minild:<name>[:key=value,…]``):
 
-    - ``timesteps(num_inference_steps) -> list[int]``: the chain, noisiest first;
+    - ``timesteps(num_inference_steps) -> list[int]``: the chain, noisiest first (Python ints);
+      each call starts a new chain;
     - ``step(eps, t, x, *, t_prev, generator=None) -> (x_prev, x0_pred)``: one update from
-      ``x`` at timestep ``t`` to ``t_prev`` (None after the last timestep), all ``[B, C, H, W]``.
+      the state ``x`` at timestep ``t`` to ``t_prev`` (None after the last timestep), all
+      ``[B, C, H, W]``; ``t``/``t_prev`` are Python ints, so a step needs no host sync. Random
+      draws go through ``generator`` at each step (diffusers passes the pipeline's generator,
+      or list of generators, to every step). A multistep sampler may keep state between the
+      steps of one chain;
+    - optionally ``state_scale(t) -> float`` (or a 0-dim tensor) for a sampler whose state is
+      not x_t itself: its state at t is ``state_scale(t) · x_t`` (σ-space samplers such as
+      Euler: √(σ_t² + 1)). The driver then starts from ``state_scale(first t) · x_T``
+      (diffusers' ``init_noise_sigma``), shows the model ``x / state_scale(t)``
+      (``scale_model_input``) and noises images into that scale (``add_noise``). Without it
+      the state is x_t.
+
+    The adapter reads the pipeline's scheduler config into the sampler's options of the same
+    meaning when it has them: ``steps_offset``, ``timestep_spacing``, ``final_alpha_cumprod``
+    (from ``set_alpha_to_one``), ``clip_sample`` ("clip"/"none"), ``clip_sample_range`` and
+    ``variance_type``. A sampler without ``steps_offset`` or ``timestep_spacing`` is refused
+    for configs that set them away from 0 and "leading".
     """
 
 

@@ -16,7 +16,7 @@ from diffusers.utils import deprecation_utils
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
-from minild.diffusers_adapter import make_scheduler
+from minild.diffusers_adapter import check_scheduler_name, make_scheduler
 
 # diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns).
 _DTYPE_KEYWORD = "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
@@ -207,13 +207,15 @@ def run_sdxl_lab(
     ``guidance_scales`` use diffusers' convention (1.0 = no guidance). Each image has its own
     CPU generator seeded with its seed, so an image is the same whatever batch it is drawn in.
     ``scheduler``: ``"default"`` (the model's own), a diffusers name (``ddim``, ``euler``,
-    ``dpm++2m``, …) or ``minild:<sampler>``. With ``refiner``, the base model denoises until
+    ``dpm++2m``, …) or ``minild:<sampler>``, optionally with the sampler's options
+    (``minild:ddim:eta=1``). With ``refiner``, the base model denoises until
     ``refiner_start`` of the schedule and the refiner finishes. With ``out_dir``, writes the PNGs,
     contact sheets, ``results.json`` and ``index.html`` there. Pass a loaded ``pipe`` (``load_sdxl``) to
     reuse it; it keeps its own device, dtype, memory options and scheduler.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     _check_run_arguments(prompts, guidance_scales, num_inference_steps, seeds, batch_size, refiner_start)
+    check_scheduler_name(scheduler)
     if pipe is None:
         pipe = load_sdxl(model, device=device, dtype=dtype, memory=memory)
     refiner_pipe = None

@@ -84,6 +84,11 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
+def check_steps_offset(steps_offset: int) -> None:
+    if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
+        raise ValueError(f"steps_offset must be an integer >= 0, got {steps_offset!r}")
+
+
 def check_clip_sample_range(clip_sample_range: float) -> None:
     if not clip_sample_range > 0:
         raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range}")

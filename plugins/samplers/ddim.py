@@ -16,6 +16,7 @@ from .common import (
     GeneratorOrList,
     check_choice,
     check_clip_sample_range,
+    check_steps_offset,
     initial_latents,
     leading_timesteps,
     randn,
@@ -53,8 +54,7 @@ class DDIMSampler:
             raise ValueError(f"eta must be a number >= 0, got {eta!r}")
         check_choice("clip_sample", clip_sample, CLIP_SAMPLE)
         check_clip_sample_range(clip_sample_range)
-        if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
-            raise ValueError(f"steps_offset must be an integer >= 0, got {steps_offset!r}")
+        check_steps_offset(steps_offset)
         check_choice("final_alpha_cumprod", final_alpha_cumprod, FINAL_ALPHA_CUMPROD)
         self.schedule = schedule
         self.eta = float(eta)
