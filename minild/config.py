@@ -63,6 +63,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: typing.Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16: autocast; fp16: autocast + GradScaler, CUDA only
     channels_last: bool = True  # the model's memory format in training and in generate(): faster convolutions
+    # torch.compile of the model in training: off | default | reduce-overhead (CUDA graphs) | max-autotune
+    compile: typing.Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    # steps between loss read-backs when no hook takes the loss each step; None: 1 on CPU, 50 on GPUs
+    loss_readback_every: int | None = None
     hooks: list = field(default_factory=lambda: ["progress"])
 
 

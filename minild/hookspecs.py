@@ -175,6 +175,14 @@ def minild_train_step_end(trainer, step, loss, lr, batch_size):
     processes); ``lr``: learning rate used; ``batch_size``: images in it (all passes,
     all processes). Not called for a step whose loss is NaN or inf: that step is not
     taken and training stops.
+
+    Reading the loss back is a host sync, which on a GPU stalls the queue of kernels every
+    step. So only an implementation that names ``loss`` among its arguments makes the
+    trainer read it every step. When none does, the losses stay on the device and are
+    read back into ``trainer.losses`` every ``train.loss_readback_every`` steps (default 1
+    on a CPU, 50 on GPUs), at each epoch's end and before each checkpoint; ``loss`` is
+    then None. A non-finite loss is then noticed at the read-back and stops training
+    there (the steps in between were taken; a checkpoint is never written after it).
     """
 
 

@@ -29,6 +29,7 @@ import torch
 import minild
 from minild import plugins
 from minild.conditioning import guided_model_fn
+from minild.testing_stepwise import StepwiseSamplerChecks
 
 PLAIN_DATA = (int, float, bool, str, list, dict, type(None))
 
@@ -275,7 +276,7 @@ class ModelConformance(_Conformance):
 # ---------------------------------------------------------------------------- samplers
 
 
-class SamplerConformance(_Conformance):
+class SamplerConformance(_Conformance, StepwiseSamplerChecks):
     """``sampler.sample(model_fn, shape, ...)`` draws every random number through the
     generator, follows the latents' dtype and device, and works with a guided ``model_fn``.
 

@@ -18,6 +18,7 @@ from .common import (
     check_clip_sample_range,
     check_steps_offset,
     initial_latents,
+    run_chain,
     leading_timesteps,
     randn,
 )
@@ -89,14 +90,8 @@ class DDIMSampler:
             num_inference_steps = 50
         timesteps = self.timesteps(num_inference_steps)
         x = initial_latents(shape, generator, latents, device)
-        t_batches = torch.tensor([[t] * x.shape[0] for t in timesteps], device=x.device)  # [n, B]
-        for i, t in enumerate(timesteps):
-            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
-            eps = model_fn(x, t_batches[i])
-            x, x0_pred = self.step(eps, t, x, t_prev=t_prev, generator=generator)
-            if callback is not None:
-                callback({"i": i, "t": t, "x": x, "x0_pred": x0_pred})
-        return x
+        # Each step: ε = model_fn(x_t, t), then self.step to the next timestep (common.run_chain).
+        return run_chain(self, model_fn, x, timesteps, generator, callback)
 
     @torch.no_grad()
     def step(

@@ -17,6 +17,7 @@ from .common import (
     check_clip_sample_range,
     check_steps_offset,
     initial_latents,
+    run_chain,
     leading_timesteps,
     randn,
 )
@@ -81,14 +82,8 @@ class DDPMSampler:
             num_inference_steps = self.schedule.num_timesteps
         timesteps = self.timesteps(num_inference_steps)
         x = initial_latents(shape, generator, latents, device)
-        t_batches = torch.tensor(timesteps, device=x.device)[:, None].expand(-1, x.shape[0])  # [n, B]
-        for i, t in enumerate(timesteps):
-            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
-            eps = model_fn(x, t_batches[i])
-            x, x0_pred = self.step(eps, t, x, t_prev=t_prev, generator=generator)
-            if callback is not None:
-                callback({"i": i, "t": t, "x": x, "x0_pred": x0_pred})
-        return x
+        # Each step: ε = model_fn(x_t, t), then self.step to the next timestep (common.run_chain).
+        return run_chain(self, model_fn, x, timesteps, generator, callback)
 
     @torch.no_grad()
     def step(
