@@ -52,7 +52,7 @@ def main() -> None:
     pipe = minild.Pipeline.from_pretrained(args.run) if args.run else minild.Pipeline.from_config(default_config())
     pipe.config.train.device = args.device  # generate() runs there
     if args.thousand is not None:
-        batch_size = {"0": None, "auto": "auto"}.get(args.thousand) or int(args.thousand)
+        batch_size = {"0": None, "auto": "auto"}[args.thousand] if args.thousand in ("0", "auto") else int(args.thousand)
         return sample_thousand(pipe, batch_size, args.steps, device)
 
     quick = args.quick
