@@ -116,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     sdxl.add_argument("--scheduler", default="default",
                       help="default (the model's), ddim, ddpm, euler, euler_a, dpm++2m, dpm++2m_karras, unipc, "
                            "or minild:<sampler>[:key=value,...] (e.g. minild:dpm_solver_pp, minild:ddim:eta=1)")
+    sdxl.add_argument("--guidance-method", default="cfg",
+                      help="cfg, cfg_rescale[:phi=0.7] (diffusers' guidance_rescale) or "
+                           "cfg_interval[:sigma_low=0.28,sigma_high=5.42] (CFG only while sigma_t is in the interval)")
     sdxl.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's, 1024x1024 for SDXL)")
     sdxl.add_argument("--out", required=True, help="output folder")
     sdxl.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -277,8 +280,8 @@ def _lab_sdxl(args) -> int:
     prompts = args.prompt if args.prompt else read_prompts(args.prompts)
     results = run_sdxl_lab(
         args.model, prompts, negative_prompt=args.negative, guidance_scales=args.guidance,
-        num_inference_steps=args.steps, seeds=args.seeds, scheduler=args.scheduler, size=args.size,
-        out_dir=args.out, device=args.device, dtype=args.dtype, memory=args.memory, refiner=args.refiner,
+        num_inference_steps=args.steps, seeds=args.seeds, scheduler=args.scheduler,
+        guidance_method=args.guidance_method, size=args.size, out_dir=args.out, device=args.device, dtype=args.dtype, memory=args.memory, refiner=args.refiner,
         refiner_start=args.refiner_start, batch_size=args.batch_size, progress=True,
     )
     seconds = sum(image.seconds for image in results.images)

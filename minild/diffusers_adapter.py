@@ -246,13 +246,18 @@ def parse_scheduler_name(name: str) -> tuple[str, dict[str, Any]]:
     Values are read as int, float, bool (true/false) or else kept as strings.
     """
     sampler, _, options = name[len(MINILD_PREFIX):].partition(":")
+    return sampler, parse_options(options, name)
+
+
+def parse_options(options: str, name: str) -> dict[str, Any]:
+    """``"eta=1,clip_sample=clip"`` (the part of ``name`` after its colon) → a dict of plain values."""
     params: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in options.split(","))):
         key, equals, value = item.partition("=")
         if not equals or not key.strip():
-            raise ValueError(f"scheduler option {item!r} in {name!r} must be key=value, e.g. minild:ddim:eta=1")
+            raise ValueError(f"option {item!r} in {name!r} must be key=value, e.g. minild:ddim:eta=1")
         params[key.strip()] = _parse_value(value.strip())
-    return sampler, params
+    return params
 
 
 def _parse_value(text: str) -> Any:
