@@ -269,6 +269,7 @@ def save_checkpoint(trainer: "Trainer") -> Path:
         "epoch": trainer.epoch,
         "batches_done": trainer.batches_done,  # forward-pass batches of the current epoch already trained on
         "epoch_loss_sum": trainer.epoch_loss_sum,
+        "seconds": trainer.trained_seconds,  # training time so far, which a resumed max_minutes budget counts
         "optimizer": optimizer_state,
         "scheduler": trainer.scheduler.state_dict(),
         "grad_scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
@@ -306,6 +307,7 @@ def restore(trainer: "Trainer", checkpoint: Checkpoint) -> None:
     trainer.data_order = None if data_order is None else data_order.to(trainer.generator.device)
     trainer.step, trainer.epoch = state["step"], state["epoch"]
     trainer.batches_done, trainer.epoch_loss_sum = state["batches_done"], state["epoch_loss_sum"]
+    trainer.seconds_before = state.get("seconds", 0.0)  # absent in checkpoints of earlier versions
     trainer.losses = tensors["trainer"]["losses"].tolist()
     trainer.epoch_losses = tensors["trainer"]["epoch_losses"].tolist()
 

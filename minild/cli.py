@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from minild import plugins
+from minild import plugins, runs
+from minild.config import plain_value
 from minild.errors import UnavailableError
-from minild.images import grid_columns, grid_conditions, save_grid
+from minild.images import grid_conditions, sampling_caption, save_sample_grid
 
 # Classifier-free guidance for class-conditional models, in diffusers' convention:
 # 1.0 is the plain conditional model, 3.0 is the paper's w = 2.
 GUIDANCE_SCALE = 3.0
 GUIDANCE_HELP = "classifier-free guidance for class-conditional models: 1.0 = plain conditional, 0 = unconditional"
+RUN_GUIDANCE_HELP = ("guidance scale, diffusers' convention: 1.0 = plain conditional, 0 = unconditional "
+                     "(default: the run's guidance stage, plain conditional without one)")
 
 
 # What a user can fix (a config, a path, a missing package, a full disk): printed as one line.
 # Anything else is a bug in minild or a plugin and keeps its traceback.
 USER_ERRORS = (ValueError, OSError, UnavailableError)
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args) or 0
+    except KeyboardInterrupt:  # a second Ctrl-C: the files written so far are complete ones
+        if args.debug:
+            raise
+        print("minild: aborted", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     except USER_ERRORS as err:
         if args.debug:
             raise
@@ -47,11 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="run directory to save into (default: runs/<config name>, or RUN_DIR)")
     train.add_argument("--resume", metavar="RUN_DIR", default=None,
                        help="continue RUN_DIR from its newest complete checkpoint (see the `checkpoint` hook)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="delete the run that --out holds and start over (by default an unfinished run of the "
+                            "same config is resumed, a finished one left as it is, another config's refused)")
     train.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
     train.add_argument("--max-minutes", type=float, default=None, help="stop after M minutes of training")
     train.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default: from the config)")
     train.add_argument("--grid", type=int, default=100, help="images in the sample grid written after training (0: none)")
-    train.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE, help=GUIDANCE_HELP)
+    train.add_argument("--guidance-scale", type=float, default=None, help=RUN_GUIDANCE_HELP)
     train.set_defaults(run=_train)
 
     train_vae = commands.add_parser("train-vae", help="train a VAE stage for latent diffusion and save it")
@@ -65,12 +78,16 @@ def _parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="sample a grid of images from a saved run")
     sample.add_argument("run_dir", help="directory written by `minild train` or Pipeline.save_pretrained")
     sample.add_argument("--num", type=int, default=100, help="number of images")
-    sample.add_argument("--steps", type=int, default=50, help="number of inference steps")
+    sample.add_argument("--steps", type=int, default=None,
+                        help="number of inference steps (default: the sampler's num_inference_steps, else 50)")
     sample.add_argument("--sampler", default=None, help="sampler name (default: the run's sampler)")
     sample.add_argument("--eta", type=float, default=None, help="DDIM eta (with --sampler ddim)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--class-label", type=int, default=None, help="generate only this class")
-    sample.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE, help=GUIDANCE_HELP)
+    sample.add_argument("--guidance", metavar="NAME[:KEY=VALUE,...]", default=None,
+                        help="guidance method and its params, e.g. apg or cfg_interval:scale=3,sigma_low=0.3 "
+                             "(default: the run's; see `minild plugins`)")
+    sample.add_argument("--guidance-scale", type=float, default=None, help=RUN_GUIDANCE_HELP)
     sample.add_argument("--no-ema", action="store_true", help="sample with the raw weights, not the EMA")
     sample.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/samples.png)")
     sample.set_defaults(run=_sample)
@@ -82,9 +99,14 @@ def _parser() -> argparse.ArgumentParser:
     experiments = experiment.add_subparsers(dest="experiment", required=True)
     cfg = experiments.add_parser("cfg-digits", help="class accuracy and digit-FID across guidance scales")
     cfg.add_argument("run_dir", help="a saved class-conditional digit run")
-    cfg.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 3.0, 5.0, 7.5], help=GUIDANCE_HELP)
-    cfg.add_argument("--per-class", type=int, default=100, help="images per digit and scale")
-    cfg.add_argument("--steps", type=int, default=50, help="number of inference steps")
+    cfg.add_argument("--methods", type=_guidance_specs, nargs="+", default=None, metavar="NAME[:k=v,…]",
+                     help="guidance methods to compare, comma-separated, each with optional parameters, e.g. "
+                          "cfg,cfg_interval:sigma_low=0.3,apg (default: the run's configured guidance)")
+    cfg.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 3.0, 5.0, 7.5],
+                     help=GUIDANCE_HELP + "; each method is run at every scale")
+    cfg.add_argument("--per-class", type=int, default=100, help="images per digit, method and scale")
+    cfg.add_argument("--sampler", default=None, help="sampler name (default: the run's sampler)")
+    cfg.add_argument("--steps", type=int, default=None, help="number of inference steps (default: the pipeline's)")
     cfg.add_argument("--seed", type=int, default=0)
     cfg.add_argument("--batch-size", type=int, default=200, help="images per generate() call")
     cfg.add_argument("--out", default=None, help="output folder (default: RUN_DIR/cfg_digits)")
@@ -151,6 +173,38 @@ def _str_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _guidance_specs(text: str) -> list[dict]:
+    """``cfg,cfg_interval:sigma_low=0.3,sigma_high=2,apg`` → one ``parse_guidance`` spec per method:
+    a piece with ``=`` and no ``:`` is one more parameter of the method before it."""
+    methods: list[str] = []
+    for piece in _str_list(text):
+        if "=" in piece and ":" not in piece:
+            if not methods:
+                raise argparse.ArgumentTypeError(f"{piece!r} has no method before it; write NAME:{piece}")
+            methods[-1] += ("," if ":" in methods[-1] else ":") + piece
+        else:
+            methods.append(piece)
+    try:
+        return [parse_guidance(method) for method in methods]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).replace("--guidance", "--methods")) from None
+
+
+def parse_guidance(text: str) -> dict:
+    """``"cfg_interval:scale=3,sigma_low=0.3"`` → ``{"name": "cfg_interval", "scale": 3, "sigma_low": 0.3}``:
+    values that look like integers, numbers, booleans (true/false) or null become them."""
+    name, _, params = text.partition(":")
+    stage: dict = {"name": name.strip()}
+    if not stage["name"]:
+        raise ValueError(f"--guidance {text!r}: give a guidance name, e.g. --guidance apg or cfg_interval:scale=3")
+    for item in filter(None, (item.strip() for item in params.split(","))):
+        key, equals, value = (part.strip() for part in item.partition("="))
+        if not key or not equals:
+            raise ValueError(f"--guidance {text!r}: {item!r} is not KEY=VALUE; write e.g. {stage['name']}:scale=3")
+        stage[key] = plain_value(value)
+    return stage
+
+
 def _train(args) -> int:
     from minild.pipeline import Pipeline
 
@@ -163,21 +217,37 @@ def _train(args) -> int:
     if args.device is not None:
         overrides["device"] = args.device
     run_dir = Path(args.out or args.resume or Path("runs") / Path(args.config).stem)
-    result = pipe.train(run_dir=run_dir, resume=args.resume, **overrides)
+    if args.overwrite and args.resume:
+        raise ValueError("--overwrite and --resume exclude each other: --resume continues a run, --overwrite deletes it")
+    resume, overwrite = args.resume, args.overwrite
+    if resume is None and not overwrite:
+        plan = runs.plan_run(run_dir, pipe.config)
+        if plan.message and _is_main_process():
+            print(plan.message)
+        if plan.action == "done":
+            return 0
+        resume, overwrite = (run_dir if plan.action == "resume" else None), plan.overwrite
+    result = pipe.train(run_dir=run_dir, resume=resume, overwrite=overwrite, **overrides)
     if not result.main_process:  # the other processes of an `accelerate launch` run
-        return 0
+        return INTERRUPTED_EXIT_CODE if result.interrupted else 0
     if result.resumed_from is not None:
         print(f"resumed from {result.resumed_from}")
     pipe.save_pretrained(run_dir)
+    runs.mark_saved(run_dir)
     print(
         f"trained {result.steps} steps ({result.epochs_completed} epochs) in {result.seconds:.0f}s, "
         f"stopped by {result.reason}; final loss {_mean_tail(result.losses):.4f}; saved to {run_dir}"
     )
+    if result.interrupted:
+        saved = f"checkpoint {result.checkpoint} and " if result.checkpoint is not None else ""
+        print(f"interrupted: saved {saved}the pipeline; continue with `minild train {args.config} --resume {run_dir}`")
+        return INTERRUPTED_EXIT_CODE
     if args.grid > 0:
         path = run_dir / "samples.png"
         conditions = grid_conditions(pipe, args.grid)
-        images = pipe.generate(args.grid, **conditions, guidance_scale=args.guidance_scale, seed=0)
-        save_grid(images, path, nrow=grid_columns(pipe))
+        images = pipe.generate(args.grid, **conditions, guidance_scale=args.guidance_scale, seed=0)  # None: the config's
+        caption = sampling_caption(pipe, conditions, guidance_scale=args.guidance_scale)
+        save_sample_grid(pipe, images, path, title=f"{run_dir.name} after {result.steps} steps · {caption} · seed 0")
         print(f"wrote {path}")
     return 0
 
@@ -207,6 +277,9 @@ def _train_vae(args) -> int:
 def _sample(args) -> int:
     from minild.pipeline import Pipeline
 
+    if args.num < 1:
+        raise ValueError(f"--num must be a positive number of images, got {args.num}")
+    guidance = parse_guidance(args.guidance) if args.guidance is not None else None
     pipe = Pipeline.from_pretrained(args.run_dir)
     sampler = None
     if args.sampler is not None or args.eta is not None:
@@ -218,11 +291,15 @@ def _sample(args) -> int:
     else:
         conditions = grid_conditions(pipe, args.num)
     images = pipe.generate(
-        args.num, **conditions, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
+        args.num, **conditions, guidance=guidance, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
         sampler=sampler, seed=args.seed, use_ema=not args.no_ema,
     )
     path = Path(args.out or Path(args.run_dir) / "samples.png")
-    save_grid(images, path, nrow=None if args.class_label is not None else grid_columns(pipe))
+    caption = sampling_caption(pipe, conditions, guidance=guidance, guidance_scale=args.guidance_scale,
+                               num_inference_steps=args.steps, sampler=args.sampler)
+    title = f"{Path(args.run_dir).name}: " + (f"class {args.class_label} · " if args.class_label is not None else "")
+    title += f"{caption} · seed {args.seed}" + (" · raw weights" if args.no_ema and pipe.ema_model is not None else "")
+    save_sample_grid(pipe, images, path, title=title, conditioned=args.class_label is None)
     print(f"wrote {path}")
     return 0
 
@@ -263,8 +340,9 @@ def _experiment(args) -> int:
     classifier = load_digit_classifier()
     print(f"digit classifier: {classifier.info['test_accuracy']:.1%} accuracy on the held-out test digits")
     if args.experiment == "cfg-digits":
-        experiments.run_cfg_digits(pipe, guidance_scales=args.scales, per_class=args.per_class, out_dir=out,
-                                   classifier=classifier, log=print, **common)
+        methods = [spec for specs in args.methods for spec in specs] if args.methods else None
+        experiments.run_cfg_digits(pipe, methods=methods, guidance_scales=args.scales, per_class=args.per_class,
+                                   sampler=args.sampler, out_dir=out, classifier=classifier, log=print, **common)
         print((out / "results.md").read_text())
     else:
         experiments.run_prompt_digits(pipe, prompts, per_prompt=args.per_prompt, guidance_scale=args.guidance_scale,
@@ -289,6 +367,10 @@ def _lab_sdxl(args) -> int:
           f"({results.settings['scheduler_class']})")
     print(f"wrote {Path(args.out) / 'index.html'} and {Path(args.out) / 'results.json'}")
     return 0
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # torchrun and accelerate launch set RANK per process
 
 
 def _mean_tail(values: list[float], n: int = 50) -> float:

@@ -78,19 +78,10 @@ def guided_model_fn(model, cond: dict[str, Any], uncond: dict[str, Any], guidanc
     """``model_fn(x, t) -> eps`` with conditioning and classifier-free guidance folded in.
 
     eps = eps_u + s · (eps_c − eps_u): s = 1 is the conditional model alone and s = 0 the
-    unconditional one (one pass each); the CFG paper's w is s − 1.
+    unconditional one (one pass each); the CFG paper's w is s − 1. The registered ``cfg``
+    guidance through ``minild.guidance.guided_model_fn``; other guidance methods go there directly.
     """
-    if not cond:
-        return lambda x, t: model(x, t)
-    if guidance_scale == 1.0:
-        return lambda x, t: model(x, t, **cond)
-    if guidance_scale == 0.0:
-        return lambda x, t: model(x, t, **uncond)
-    both = {key: torch.cat([cond[key], uncond[key]]) for key in cond}
+    from minild import plugins
+    from minild.guidance import guided_model_fn as guide
 
-    def guided(x, t):
-        # One batched forward for the conditional and unconditional halves.
-        eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
-        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-
-    return guided
+    return guide(model, cond, uncond, plugins.create("guidance", "cfg", scale=guidance_scale).bind(None))

@@ -17,6 +17,7 @@ from typing import Any, Union
 import yaml
 
 from minild import plugins
+from minild.io import atomic_write
 
 
 class ConfigError(ValueError):
@@ -57,7 +58,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0  # max global grad norm; None disables clipping
     max_steps: int | None = None
     epochs: int | None = None
-    max_minutes: float | None = None  # wall-clock budget of one train() call
+    max_minutes: float | None = None  # training-time budget of the run; a resumed run counts its time before
     p_uncond: float = 0.1  # condition dropout for classifier-free guidance
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -75,6 +76,7 @@ class PipelineConfig:
     schedule: StageSpec
     model: StageSpec
     sampler: StageSpec
+    guidance: StageSpec | None = None  # None: classifier-free guidance at generate()'s guidance_scale (1.0)
     vae: StageSpec | None = None
     text_encoder: StageSpec | None = None
     data: DataConfig = field(default_factory=DataConfig)
@@ -94,7 +96,7 @@ class PipelineConfig:
         return out
 
     def dump(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        _dump_yaml(self.to_dict(), path)
 
 
 @dataclass
@@ -122,10 +124,18 @@ class VAETrainingConfig:
         return {"vae": self.vae.to_dict(), "data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train)}
 
     def dump(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        _dump_yaml(self.to_dict(), path)
 
 
-STAGE_KINDS = {"schedule": "schedule", "model": "model", "sampler": "sampler", "vae": "vae", "text_encoder": "text_encoder"}
+def _dump_yaml(data: dict[str, Any], path: str | Path) -> None:
+    text = yaml.safe_dump(data, sort_keys=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+STAGE_KINDS = {
+    "schedule": "schedule", "model": "model", "sampler": "sampler", "guidance": "guidance", "vae": "vae",
+    "text_encoder": "text_encoder",
+}
 
 
 def load_config(source: str | Path | dict[str, Any]) -> PipelineConfig:
@@ -298,3 +308,17 @@ def _describe(expected: Any) -> str:
     if typing.get_origin(expected) in (list, tuple, typing.Sequence) and items:
         return f"a list of {_describe(items[0])}"
     return getattr(expected, "__name__", str(expected))
+
+
+def plain_value(text: str) -> Any:
+    """A ``key=value`` option's value as written on a command line or in a scheduler name: an
+    int, a float, a bool (true/false), None (null/none), or else the string itself."""
+    words = {"true": True, "false": False, "null": None, "none": None}
+    if text.lower() in words:
+        return words[text.lower()]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

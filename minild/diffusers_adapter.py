@@ -21,6 +21,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from minild import plugins
+from minild.config import plain_value
 
 MINILD_PREFIX = "minild:"
 
@@ -243,7 +244,7 @@ def check_sampler_options(sampler: str, params: dict[str, Any]) -> None:
 def parse_scheduler_name(name: str) -> tuple[str, dict[str, Any]]:
     """``"minild:ddim:eta=1,clip_sample=clip"`` → ``("ddim", {"eta": 1, "clip_sample": "clip"})``.
 
-    Values are read as int, float, bool (true/false) or else kept as strings.
+    Values are read as int, float, bool (true/false), None (null) or else kept as strings.
     """
     sampler, _, options = name[len(MINILD_PREFIX):].partition(":")
     return sampler, parse_options(options, name)
@@ -256,19 +257,8 @@ def parse_options(options: str, name: str) -> dict[str, Any]:
         key, equals, value = item.partition("=")
         if not equals or not key.strip():
             raise ValueError(f"option {item!r} in {name!r} must be key=value, e.g. minild:ddim:eta=1")
-        params[key.strip()] = _parse_value(value.strip())
+        params[key.strip()] = plain_value(value.strip())
     return params
-
-
-def _parse_value(text: str) -> Any:
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _check_supported(*, trained_betas, prediction_type, variance_type, thresholding, rescale_betas_zero_snr,

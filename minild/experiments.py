@@ -13,6 +13,14 @@ from typing import Callable, Sequence
 import torch
 
 from minild.data import load_dataset
+from minild.guidance_frontier import (
+    check_methods,
+    count_model_evaluations,
+    guidance_name,
+    plot_frontier,
+    sampler_name,
+)
+from minild.images import inference_steps, save_labeled_grid
 from minild.metrics import (
     DigitClassifier,
     classify,
@@ -41,9 +49,11 @@ def default_digit_prompts() -> dict[int, list[str]]:
 def run_cfg_digits(
     pipeline,
     *,
+    methods: Sequence[str | dict] | None = None,
     guidance_scales: Sequence[float] = GUIDANCE_SCALES,
     per_class: int = 100,
-    num_inference_steps: int = 50,
+    num_inference_steps: int | None = None,
+    sampler: str | dict | None = None,
     seed: int = 0,
     batch_size: int = 200,
     out_dir: str | Path | None = None,
@@ -51,19 +61,26 @@ def run_cfg_digits(
     grid_per_class: int = 8,
     log: Callable[[str], None] | None = None,
 ) -> list[dict]:
-    """Sample ``per_class`` digits of every class at each guidance scale and score them.
+    """Sample ``per_class`` digits of every class for each guidance method × scale and score them.
 
-    ``guidance_scales`` follow diffusers (and ``Pipeline.generate``): 1.0 is the plain
-    conditional model, 0.0 the unconditional one (its accuracy is chance, ~10 %), and the
-    classifier-free-guidance paper's weight is w = scale − 1. Images are drawn in batches of
-    at most ``batch_size`` (classes interleaved); batch ``i`` uses a generator seeded from
-    ``seed`` and ``i``, so every scale starts from the same noise and reruns repeat exactly.
+    ``methods``: guidance specs as ``Pipeline.generate`` takes them (a name such as ``"apg"`` or
+    ``{"name": "cfg_interval", "sigma_low": 0.3}``); None runs the pipeline's configured
+    guidance only. ``guidance_scales`` follow diffusers (and ``generate``, where they override a
+    method's own ``scale``): 1.0 is the plain conditional model, 0.0 the unconditional one (its
+    accuracy is chance, ~10 %), and the classifier-free-guidance paper's weight is w = scale − 1.
+    ``num_inference_steps`` and ``sampler``: None keeps the pipeline's own. Images are drawn in
+    batches of at most ``batch_size`` (classes interleaved); batch ``i`` uses a generator seeded
+    from ``seed`` and ``i``, so every cell starts from the same noise and reruns repeat exactly.
 
-    Returns one dict per scale: ``guidance_scale``, ``paper_w``, ``num_images``,
-    ``mean_accuracy``, ``per_class_accuracy`` (10 floats), ``digit_fid`` (against the 500
-    held-out ``test`` digits) and ``seconds`` (sampling time). With ``out_dir``, writes
-    ``grid.png`` (rows: digits 0–9; one block of ``grid_per_class`` columns per scale, left to
-    right), ``results.csv`` and ``results.md``.
+    Returns one dict per method × scale (methods outer): ``method`` (its name, with parameters as
+    on the command line: ``cfg_interval:sigma_low=0.3``), ``guidance_scale``, ``paper_w``,
+    ``num_images``, ``mean_accuracy``, ``per_class_accuracy`` (10 floats), ``digit_fid`` (against
+    the 500 held-out ``test`` digits), ``seconds`` (sampling time) and
+    ``model_evaluations_per_image`` (images through the eps-model per image, e.g. 100 for 50 steps
+    of two-pass guidance; None when the pipeline's model is not a torch module). With ``out_dir``,
+    writes ``grid.png`` (rows: digits 0–9; one block of ``grid_per_class`` columns per cell,
+    headed "method · scale"), ``results.csv``, ``results.md`` and ``frontier.png``
+    (``minild.guidance_frontier.plot_frontier``).
     """
     num_classes = getattr(pipeline.model, "num_classes", None)
     if num_classes != NUM_DIGITS:
@@ -71,43 +88,56 @@ def run_cfg_digits(
             f"the cfg-digits experiment needs a class-conditional digit model (model.num_classes = {NUM_DIGITS}); "
             f"this one has num_classes = {num_classes}. Train one with configs/digits_class_cfg.yaml"
         )
-    _check_positive(per_class=per_class, batch_size=batch_size, num_inference_steps=num_inference_steps)
+    _check_positive(per_class=per_class, batch_size=batch_size)
+    if num_inference_steps is not None:
+        _check_positive(num_inference_steps=num_inference_steps)
     if not guidance_scales:
         raise ValueError("guidance_scales is empty: give at least one scale, e.g. (1.0, 3.0)")
+    cells = [(method, float(scale)) for method in check_methods(methods) for scale in guidance_scales]
     classifier = classifier if classifier is not None else load_digit_classifier()
     reference = digit_features(classifier, _unit(load_dataset("digits", split="test").images))
     labels = torch.arange(NUM_DIGITS).repeat(per_class)  # [N]: 0, 1, …, 9, 0, 1, …
+    options = {key: value for key, value in (("num_inference_steps", num_inference_steps), ("sampler", sampler))
+               if value is not None}
     rows, blocks = [], []
-    for scale in guidance_scales:
-        start = time.perf_counter()
-        images = _generate_in_batches(
-            pipeline, labels.split(batch_size), seed, lambda chunk: {"class_labels": chunk.tolist()},
-            guidance_scale=float(scale), num_inference_steps=num_inference_steps,
-        )
-        seconds = time.perf_counter() - start
+    for method, scale in cells:
+        guidance = {} if method is None else {"guidance": method}
+        with count_model_evaluations(pipeline) as evaluations:
+            start = time.perf_counter()
+            images = _generate_in_batches(
+                pipeline, labels.split(batch_size), seed, lambda chunk: {"class_labels": chunk.tolist()},
+                guidance_scale=scale, **guidance, **options,
+            )
+            seconds = time.perf_counter() - start
         predicted = classify(classifier, images)
         rows.append({
-            "guidance_scale": float(scale),
-            "paper_w": float(scale) - 1.0,
+            "method": guidance_name(method, pipeline),
+            "guidance_scale": scale,
+            "paper_w": scale - 1.0,
             "num_images": len(images),
             "mean_accuracy": mean_accuracy(predicted, labels),
             "per_class_accuracy": per_class_accuracy(predicted, labels, NUM_DIGITS),
             "digit_fid": frechet_distance(digit_features(classifier, images), reference),
             "seconds": seconds,
+            "model_evaluations_per_image": None if evaluations.images is None else evaluations.images / len(images),
         })
         blocks.append(torch.stack([images[labels == digit][:grid_per_class] for digit in range(NUM_DIGITS)]))
         if log is not None:
             row = rows[-1]
-            log(f"guidance scale {scale:g}: accuracy {row['mean_accuracy']:.1%}, digit-FID {row['digit_fid']:.2f}, "
-                f"{seconds:.0f}s")
+            log(f"{row['method']} · scale {scale:g}: accuracy {row['mean_accuracy']:.1%}, "
+                f"digit-FID {row['digit_fid']:.2f}, {seconds:.0f}s")
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_block_grid(blocks, out_dir / "grid.png")
+        steps = inference_steps(pipeline, num_inference_steps, sampler)
+        settings = f"{per_class} digits per class, {sampler_name(sampler, pipeline)} with {steps} inference steps, seed {seed}"
+        save_labeled_grid(torch.cat(blocks, dim=1), out_dir / "grid.png", row_labels=[str(d) for d in range(NUM_DIGITS)],
+                          column_blocks=[f"{row['method']} · {row['guidance_scale']:g}" for row in rows],
+                          title=f"rows: digits 0–9 · {settings}")
         _write_csv(out_dir / "results.csv", [_flat_cfg_row(row) for row in rows])
         baseline = real_digits_baseline(classifier, len(labels), reference)
-        settings = f"{per_class} digits per class, {num_inference_steps} inference steps, seed {seed}"
         (out_dir / "results.md").write_text(format_cfg_markdown(rows, settings=settings, baseline=baseline))
+        plot_frontier(rows, baseline, out_dir / "frontier.png", title=f"Guidance frontier: {settings}")
     return rows
 
 
@@ -126,23 +156,26 @@ def real_digits_baseline(classifier: DigitClassifier, num_images: int, reference
 
 
 def format_cfg_markdown(rows: list[dict], *, settings: str = "", baseline: dict | None = None) -> str:
-    """The guidance sweep as Markdown: a caption, one table row per scale, the grid's legend."""
+    """The guidance sweep as Markdown: a caption, one table row per method × scale, the grid's legend."""
     digits = " | ".join(str(digit) for digit in range(NUM_DIGITS))
     lines = [
-        "# Classifier-free guidance on digits",
+        "# Guidance on digits",
         "",
         "Guidance scale in diffusers' convention (1 = plain conditional, 0 = unconditional); the CFG "
         "paper's w = scale − 1. Accuracy: the digit classifier agrees with the requested class. "
-        "Digit-FID: against the 500 held-out test digits (lower is closer)." + (f" {settings}." if settings else ""),
+        "Digit-FID: against the 500 held-out test digits (lower is closer). Evaluations: images through "
+        "the eps-model per sample." + (f" {settings}." if settings else ""),
         "",
-        f"| guidance scale | paper w | mean acc | digit-FID | seconds | {digits} |",
-        "| ---: | ---: | ---: | ---: | ---: |" + " ---: |" * NUM_DIGITS,
+        f"| method | guidance scale | paper w | mean acc | digit-FID | seconds | evaluations | {digits} |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * NUM_DIGITS,
     ]
     for row in rows:
         per_class = " | ".join(f"{accuracy:.0%}" for accuracy in row["per_class_accuracy"])
+        evaluations = row.get("model_evaluations_per_image")
         lines.append(
-            f"| {row['guidance_scale']:g} | {row['paper_w']:g} | {row['mean_accuracy']:.1%} | "
-            f"{row['digit_fid']:.2f} | {row['seconds']:.1f} | {per_class} |"
+            f"| {row['method']} | {row['guidance_scale']:g} | {row['paper_w']:g} | {row['mean_accuracy']:.1%} | "
+            f"{row['digit_fid']:.2f} | {row['seconds']:.1f} | {'—' if evaluations is None else f'{evaluations:g}'} "
+            f"| {per_class} |"
         )
     lines.append("")
     if baseline is not None:
@@ -151,8 +184,9 @@ def format_cfg_markdown(rows: list[dict], *, settings: str = "", baseline: dict 
             f"digit-FID {baseline['digit_fid']:.2f}: the floor at this sample size.",
             "",
         ]
-    scales = ", ".join(f"{row['guidance_scale']:g}" for row in rows)
-    lines += [f"`grid.png`: rows are digits 0–9; column blocks, left to right, are guidance scales {scales}.", ""]
+    cells = ", ".join(f"{row['method']} · {row['guidance_scale']:g}" for row in rows)
+    lines += [f"`grid.png`: rows are digits 0–9; column blocks, left to right: {cells}. `frontier.png`: "
+              "accuracy against digit-FID, one line per method through its scales.", ""]
     return "\n".join(lines)
 
 
@@ -211,8 +245,9 @@ def run_prompt_digits(
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_block_grid([images.reshape(len(pairs), per_prompt, *images.shape[1:])[:, :grid_per_prompt]],
-                        out_dir / "prompts_grid.png")
+        save_labeled_grid(images.reshape(len(pairs), per_prompt, *images.shape[1:])[:, :grid_per_prompt],
+                          out_dir / "prompts_grid.png", row_labels=[prompt for _, prompt in pairs],
+                          title=f"one row per prompt · guidance scale {guidance_scale:g} · seed {seed}")
         settings = (f"{per_prompt} images per prompt, guidance scale {guidance_scale:g} (paper w = "
                     f"{guidance_scale - 1:g}), {num_inference_steps} inference steps, seed {seed}, {seconds:.0f}s")
         (out_dir / "prompts.md").write_text(format_prompt_markdown(rows, settings=settings))
@@ -277,18 +312,6 @@ def _generate_in_batches(pipeline, chunks, seed: int, conditioning, **generate_k
         generator = torch.Generator().manual_seed(seed * _SEED_STRIDE + index)
         images.append(pipeline.generate(**conditioning(chunk), generator=generator, **generate_kwargs).cpu())
     return torch.cat(images)  # [N, 1, 28, 28] in [0, 1]
-
-
-def save_block_grid(blocks: list[torch.Tensor], path: str | Path, separator: int = 4) -> None:
-    """Write blocks ``[R, K, C, H, W]`` (R rows of K images) side by side as one PNG, with a
-    ``separator``-pixel white bar between blocks."""
-    from torchvision.utils import make_grid, save_image
-
-    grids = [make_grid(block.flatten(0, 1), nrow=block.shape[1], padding=2) for block in blocks]  # [C, H', W']
-    bar = torch.ones(grids[0].shape[0], grids[0].shape[1], separator)
-    pieces = [piece for grid in grids for piece in (bar, grid)][1:]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_image(torch.cat(pieces, dim=2), str(path))
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -2,7 +2,7 @@
 
 Hooks are called with keyword arguments only. An implementation may accept fewer
 arguments than the spec lists, so specs can grow without breaking plugins.
-``minild.testing`` checks a schedule, model or sampler plugin against this contract.
+``minild.testing`` checks a schedule, model, sampler or guidance plugin against this contract.
 """
 
 from __future__ import annotations
@@ -95,6 +95,42 @@ def register_samplers(register):
 
 
 @hookspec
+def register_guidances(register):
+    """Register guidance methods: how a step's conditional and unconditional eps are combined.
+
+    ``register(name, factory)`` where ``factory(*, scale: float = …, **params)`` returns a
+    guidance object. ``scale`` s follows diffusers: plain CFG is ε_u + s (ε_c − ε_u), 1.0 is the
+    conditional model alone; every factory takes it, and ``generate(guidance_scale=…)`` sets it.
+    The object has
+
+    - ``scale``: the float it was built with;
+    - ``bind(schedule) -> guider``: a fresh guider for one sampling run on ``schedule`` (a
+      ``minild.NoiseSchedule``; σ_t = √((1 − ᾱ_t)/ᾱ_t) is the noise level at t). The pipeline
+      binds once per run and per chunk of ``generate``, so state such as a momentum average
+      starts afresh each time; ``bind`` must not change the object itself.
+
+    and the guider has
+
+    - ``needs_uncond(t: int) -> bool``: whether step t needs the unconditional eps at all;
+      False makes the pipeline run only the conditional pass and use its eps as is (e.g. at
+      scale 1, or outside a guidance interval);
+    - optionally ``needs_cond(t: int) -> bool`` (default True): False runs only the
+      unconditional pass and uses its eps as is (CFG at scale 0);
+    - optionally ``uncond_depends_on_t: bool`` (default True): False promises that both
+      answers are the same at every t, so the pipeline asks once per run (at t = 0, without
+      reading t back); otherwise it reads t back from the device once per step (a host sync on
+      an accelerator);
+    - ``__call__(eps_cond, eps_uncond, *, t, x) -> eps``, called when both passes ran: ``eps_cond``,
+      ``eps_uncond`` and ``x`` (the noisy x_t) are ``[B, C, H, W]``, ``t`` a ``[B]`` int64 tensor
+      on their device; returns the eps the sampler uses, ``[B, C, H, W]`` in their dtype and on
+      their device. Both halves come from one batched forward of the model.
+
+    ``minild.guidance.Guidance`` is a base class that implements ``bind``, ``reset`` and the
+    scale-1 shortcut, and looks σ_t up on the device without a host sync.
+    """
+
+
+@hookspec
 def register_vaes(register):
     """Register autoencoders for latent diffusion.
 
@@ -137,6 +173,12 @@ def register_trainer_hooks(register):
     ``register(name, factory)`` where ``factory(**params)`` returns an object
     implementing any of the ``minild_*`` trainer hooks below. The trainer registers
     that object with the plugin manager for the duration of one training run.
+
+    An object that writes files into ``trainer.run_dir`` sets the class attribute
+    ``writes_files = True``: a run without a run directory (``Pipeline.train()`` without
+    ``run_dir=``) then leaves it out, with one warning naming every hook left out, so its
+    hooks always see a ``run_dir`` Path. A run directory belongs to one run: a hook may
+    assume files there are its own run's (a resumed run's included).
     """
 
 
@@ -147,7 +189,9 @@ def register_trainer_hooks(register):
 #   (TrainConfig), device, run_dir (Path or None), step (optimizer steps done),
 #   epoch (full passes done), steps_per_epoch, total_steps (None under a time budget
 #   alone), losses / epoch_losses (the whole run's history, resumed runs included),
-#   resumed_from (checkpoint Path or None), is_main_process (False on the other
+#   resumed_from (checkpoint Path or None), seconds_before (training time before this
+#   call, from the checkpoint resumed), trained_seconds (the run's training time so far,
+#   which max_minutes limits), is_main_process (False on the other
 #   processes of a multi-process run: write files only on the main one), and
 #   request_stop(reason) (stop after the current step; the first reason wins),
 #   save_checkpoint() -> Path (writes run_dir/checkpoints/step-…; None off the main process).
@@ -162,8 +206,10 @@ def register_trainer_hooks(register):
 @hookspec
 def minild_train_start(trainer):
     """Training is about to take its first step (after any resume: ``trainer.step``
-    and ``trainer.resumed_from`` say where it continues). Raise ``ValueError`` to
-    refuse the run, e.g. when a hook needs ``trainer.run_dir`` and it is None."""
+    and ``trainer.resumed_from`` say where it continues). Raise ``ValueError`` (or
+    ``minild.UnavailableError`` for a missing package) to refuse the run, e.g. for a
+    setting it cannot work with. Hooks with ``writes_files`` are only called with a
+    ``trainer.run_dir``."""
 
 
 @hookspec
@@ -207,5 +253,11 @@ def minild_samples_saved(trainer, path, step, images):
 @hookspec
 def minild_train_end(trainer, reason):
     """Training stopped; ``reason`` is ``"max_steps"``, ``"max_minutes"``,
-    ``"epochs"``, a message starting ``"non-finite loss"`` or the text given to
-    ``trainer.request_stop``."""
+    ``"epochs"``, ``"interrupted (SIGINT)"`` or ``"interrupted (SIGTERM)"`` (Ctrl-C or a
+    kill: the step in progress was finished; ``minild.interrupts.is_interrupt(reason)``),
+    a message starting ``"non-finite loss"`` or the text given to ``trainer.request_stop``.
+
+    Called inside the signal handling: a second Ctrl-C while hooks run here raises
+    ``KeyboardInterrupt``, so write files atomically (``minild.io.atomic_write``). After
+    the hooks, an interrupted run with a run directory that no hook checkpointed at its
+    last step gets a checkpoint (``minild_checkpoint_saved`` follows this call then)."""

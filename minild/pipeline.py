@@ -7,23 +7,19 @@ saved pipeline reloads to the same stages and weights.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
-import itertools
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from minild import plugins
-from minild.conditioning import guided_model_fn, wants_classes, wants_text
-from minild.config import PipelineConfig, StageSpec, load_config, parse_stage
+from minild import generation, plugins
+from minild.conditioning import wants_text
+from minild.config import PipelineConfig, StageSpec, load_config
 from minild.data import known_class_names
-from minild.devices import resolve_batch_size
 from minild.io import load_weights, save_weights
-from minild.train import Trainer, TrainResult, resolve_device
+from minild.train import Trainer, TrainResult
 
 CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
@@ -37,7 +33,8 @@ class Pipeline:
 
     Attributes: ``config`` (``PipelineConfig``), ``schedule`` (``NoiseSchedule``),
     ``model`` (the trained ``nn.Module``), ``ema_model`` (EMA weights, set by the
-    ``ema`` trainer hook, or None), ``sampler``, ``vae``, ``text_encoder``.
+    ``ema`` trainer hook, or None), ``sampler``, ``guidance`` (the configured guidance stage or
+    None), ``vae``, ``text_encoder``.
     """
 
     def __init__(self, config: PipelineConfig):
@@ -51,6 +48,7 @@ class Pipeline:
         # Names of the classes the model was trained on (set by training; digit names for digit data).
         self.class_names: list[str] | None = known_class_names(config.data.dataset)
         self.sampler = self._build_sampler(config.sampler)
+        self.guidance = _optional_stage("guidance", config.guidance)  # None: plain CFG at generate()'s scale
         self.vae = _optional_stage("vae", config.vae)
         if self.vae is not None:
             self.vae.eval().requires_grad_(False)
@@ -145,10 +143,17 @@ class Pipeline:
         )
 
     def train(self, dataset=None, *, run_dir: str | Path | None = None, resume: str | Path | None = None,
-              **overrides: Any) -> TrainResult:
+              overwrite: bool = False, **overrides: Any) -> TrainResult:
         """Train the eps-model; ``overrides`` replace ``train`` config keys for this call
         (e.g. ``max_steps=100``). Uses the configured dataset unless one is given.
-        ``resume``: a run directory to continue from its newest complete checkpoint."""
+
+        ``run_dir``: where the file-writing hooks (metrics_log, loss_plot, sample_grid,
+        checkpoint, tensorboard) write; without one they are skipped, with one warning.
+        ``resume``: a run directory to continue from its newest complete checkpoint. A
+        ``run_dir`` that already holds a run is refused unless ``overwrite`` deletes that run.
+        Ctrl-C (or SIGTERM) stops after the current step and returns the result with
+        ``interrupted=True`` (after writing a checkpoint when there is a run directory); a
+        second Ctrl-C raises ``KeyboardInterrupt`` at once."""
         train_config = copy.deepcopy(self.config.train)
         for key, value in overrides.items():
             if not hasattr(train_config, key):
@@ -166,7 +171,7 @@ class Pipeline:
         if self.config.image_shape is None:
             self.config.image_shape = list(dataset.images.shape[1:] if hasattr(dataset, "images") else dataset[0][0].shape)
         self.check_model_input()
-        return Trainer(self, train_config, run_dir=run_dir, resume=resume).fit(dataset)
+        return Trainer(self, train_config, run_dir=run_dir, resume=resume, overwrite=overwrite).fit(dataset)
 
     def check_model_input(self) -> None:
         """Fail before any work, naming the config keys to change, when the model cannot
@@ -188,7 +193,7 @@ class Pipeline:
         # One zero sample through the model finds the sizes it cannot take, in milliseconds.
         device = next(self.model.parameters()).device
         x = torch.zeros(1, channels, height, width, device=device)  # [1, C, H, W]
-        cond, _ = self._conditioning(self.model, None, None, 1, device)
+        cond, _ = generation.conditioning(self, self.model, None, None, 1, device)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -220,7 +225,7 @@ class Pipeline:
 
         if self._encoded is not None and any(dataset is known for known in self._encoded):
             return self._encoded[1]  # encoded before, or already the latents
-        vae_device = _module_device(self.vae)
+        vae_device = generation.module_device(self.vae)
         generator = torch.Generator().manual_seed(seed)
         latents, labels = [], []
         for images, batch_labels in _image_batches(dataset, ENCODE_BATCH_SIZE):
@@ -239,15 +244,15 @@ class Pipeline:
 
     # -- generation -----------------------------------------------------------------
 
-    @torch.no_grad()
     def generate(
         self,
         num_images: int | None = None,
         *,
         class_labels: Sequence[int] | torch.Tensor | None = None,
-        prompts: Sequence[str] | None = None,
-        guidance_scale: float = 1.0,
-        num_inference_steps: int = 50,
+        prompts: str | Sequence[str] | None = None,
+        guidance: str | dict[str, Any] | None = None,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
         sampler: str | dict[str, Any] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         seed: int | None = None,
@@ -260,136 +265,36 @@ class Pipeline:
     ):
         """Sample images, returned in [0, 1].
 
-        ``guidance_scale`` follows diffusers: ``eps = eps_u + s · (eps_c − eps_u)``, so 1.0
-        is the plain conditional model (no unconditional pass), 0.0 the unconditional one,
-        and the classifier-free-guidance paper's weight w is ``s − 1``.
-        ``sampler`` overrides the configured one by name or ``{name: ..., **params}``.
-        ``output_type``: ``"pt"`` → ``[B, C, H, W]`` float tensor on the CPU; ``"np"`` →
-        ``[B, H, W, C]`` float array; ``"pil"`` → list of PIL images.
+        ``guidance`` overrides the config's guidance stage by name or ``{name: ..., **params}``
+        (``"cfg"``, ``"cfg_interval"``, ``"cfg_rescale"``, ``"apg"`` or a plugin's); ``guidance_scale``
+        overrides the ``scale`` of whichever guidance applies. A config without a ``guidance``
+        stage uses plain classifier-free guidance at scale 1.0. Scales follow diffusers:
+        ``eps = eps_u + s · (eps_c − eps_u)``, so 1.0 is the plain conditional model (no
+        unconditional pass), 0.0 the unconditional one, and the classifier-free-guidance paper's
+        weight w is ``s − 1``. ``sampler`` overrides the configured one by name or
+        ``{name: ..., **params}``; ``num_inference_steps`` None takes the sampler's configured
+        ``num_inference_steps``, else 50. ``output_type``: ``"pt"`` → ``[B, C, H, W]`` float tensor
+        on the CPU; ``"np"`` → ``[B, H, W, C]`` float array; ``"pil"`` → list of PIL images.
 
         ``batch_size``: images denoised together (None: all at once); with guidance each forward
         sees twice as many. The default ``"auto"`` is ``minild.devices.default_batch_size``: 64 on
         a CPU, which keeps 1,000 guided 28×28 digits well under 1 GiB of peak RSS (128 comes close
-        to it), 32 on MPS, and on CUDA as many as half the free memory holds. x_T is drawn for all images first, so chunking
-        does not change (beyond float rounding) the images of a deterministic sampler (DDIM with
-        eta 0, DPM-Solver++), nor of any sampler given one generator per image; a stochastic
-        sampler sharing one generator draws its per-step noise chunk after chunk. ``callback``
-        is called for every step of every chunk. The model runs in channels_last memory format
-        (unless ``train.channels_last`` is off) and is given back its own layout afterwards.
+        to it), 32 on MPS, and on CUDA as many as half the free memory holds. x_T is drawn for all
+        images first, so chunking does not change (beyond float rounding) the images of a
+        deterministic sampler (DDIM with eta 0, DPM-Solver++), nor of any sampler given one
+        generator per image; a stochastic sampler sharing one generator draws its per-step noise
+        chunk after chunk. The guidance is
+        bound afresh for every chunk (its per-run state, e.g. APG's momentum, starts over).
+        ``callback`` is called for every step of every chunk. The model runs in channels_last
+        memory format (unless ``train.channels_last`` is off) and is given back its own layout
+        afterwards. Every argument is checked: a wrong one is a ``ValueError`` naming it.
         """
-        if output_type not in ("pt", "np", "pil"):
-            raise ValueError(f"output_type must be 'pt', 'np' or 'pil', got {output_type!r}")
-        if generator is not None and seed is not None:
-            raise ValueError("pass either generator or seed, not both")
-        labels = self._class_labels(class_labels, num_images)
-        prompts = self._prompts(prompts, num_images)
-        if labels is not None and prompts is not None and len(labels) != len(prompts):
-            raise ValueError(f"got {len(labels)} class_labels but {len(prompts)} prompts; give one of each per image")
-        if num_images is None:
-            given = labels if labels is not None else prompts if prompts is not None else latents
-            num_images = len(given) if given is not None else 1
-        if num_images < 1:
-            raise ValueError(f"num_images must be at least 1, got {num_images}")
-        if isinstance(generator, list) and len(generator) != num_images:
-            raise ValueError(f"got {len(generator)} generators for {num_images} images; pass one per image")
-        if generator is None:
-            generator = torch.Generator().manual_seed(seed) if seed is not None else None
-
-        sampler_stage = self.sampler if sampler is None else self._build_sampler(
-            parse_stage("sampler", sampler, "generate()", "sampler")
+        return generation.generate(
+            self, num_images, class_labels=class_labels, prompts=prompts, guidance=guidance,
+            guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, sampler=sampler,
+            generator=generator, seed=seed, latents=latents, output_type=output_type, use_ema=use_ema,
+            device=device, callback=callback, batch_size=batch_size,
         )
-        model = self.ema_model if use_ema and self.ema_model is not None else self.model
-        run_device = resolve_device(device or self.config.train.device)
-        model.to(run_device).eval()
-        cond, uncond = self._conditioning(model, labels, prompts, num_images, run_device)
-        if labels is None and prompts is None:
-            guidance_scale = 1.0  # nothing to guide towards: one unconditional pass
-        if cond and guidance_scale != 1.0 and self.config.train.p_uncond <= 0:
-            warnings.warn(
-                "classifier-free guidance with a model trained without condition dropout (train.p_uncond = 0): "
-                "its unconditional predictions are untrained", stacklevel=2,
-            )
-        shape = (num_images, *self.image_shape)
-        if latents is None:  # drawn on the CPU, so a seed gives the same images on every device
-            latents = _randn(shape, generator)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        chunk_size = resolve_batch_size(batch_size, num_images, run_device, model, self.image_shape)
-        chunks = []
-        # channels_last makes the convolutions faster on CPUs and GPUs (here 1.3× per forward on
-        # a CPU); only float rounding changes. MPS does not take it, as in training.
-        channels_last = self.config.train.channels_last and run_device.type != "mps"
-        with _memory_format(model, torch.channels_last if channels_last else None):
-            for start in range(0, num_images, chunk_size):
-                chunk = slice(start, start + chunk_size)
-                model_fn = guided_model_fn(
-                    model, {k: v[chunk] for k, v in cond.items()}, {k: v[chunk] for k, v in uncond.items()},
-                    guidance_scale,
-                )
-                chunk_latents = latents[chunk].to(run_device)
-                # inference_mode skips autograd's version counting (no_grad does not); the same numbers.
-                with torch.inference_mode():
-                    samples = sampler_stage.sample(
-                        model_fn, tuple(chunk_latents.shape), num_inference_steps=num_inference_steps,
-                        generator=generator[chunk] if isinstance(generator, list) else generator,
-                        latents=chunk_latents, callback=callback,
-                    )
-                    if self.vae is not None:
-                        samples = self.vae.decode(samples.to(_module_device(self.vae)))
-                    chunks.append(((samples.float().cpu() + 1) / 2).clamp(0, 1))
-        # Outside inference mode: an ordinary (contiguous) tensor the caller may modify.
-        images = torch.cat(chunks).contiguous()
-        return _convert(images, output_type)
-
-    def _class_labels(self, class_labels, num_images: int | None) -> torch.Tensor | None:
-        num_classes = getattr(self.model, "num_classes", None)
-        if class_labels is None:
-            return None
-        if num_classes is None:
-            raise ValueError(
-                f"model {self.config.model.name!r} is not class-conditional: set model.num_classes in the config "
-                "and train it to use class_labels"
-            )
-        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
-        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"class_labels must lie in [0, {num_classes}), got {labels.tolist()}")
-        if num_images is not None and num_images != len(labels):
-            raise ValueError(f"num_images={num_images} but {len(labels)} class_labels were given")
-        return labels
-
-    def _prompts(self, prompts, num_images: int | None) -> list[str] | None:
-        if prompts is None:
-            return None
-        if isinstance(prompts, str):
-            prompts = [prompts] * (num_images or 1)
-        prompts = list(prompts)
-        if not all(isinstance(prompt, str) for prompt in prompts):
-            raise ValueError("prompts must be a string or a list of strings")
-        if self.text_encoder is None or not wants_text(self.model):
-            raise ValueError(
-                f"model {self.config.model.name!r} is not text-conditioned: prompts need a text_encoder stage "
-                "and model.cross_attention_dim in the config (see configs/digits_text_cfg.yaml)"
-            )
-        if num_images is not None and num_images != len(prompts):
-            raise ValueError(f"num_images={num_images} but {len(prompts)} prompts were given")
-        return prompts
-
-    def _conditioning(self, model, labels, prompts, num_images: int, device) -> tuple[dict, dict]:
-        """The model's conditional keyword arguments and their unconditional counterparts.
-
-        With neither labels nor prompts, both are the unconditional arguments (the null
-        class, the empty prompt).
-        """
-        cond, uncond = {}, {}
-        if wants_classes(model):
-            null = torch.full((num_images,), model.num_classes, dtype=torch.long, device=device)
-            cond["class_labels"] = labels.to(device) if labels is not None else null
-            uncond["class_labels"] = null
-        if wants_text(model):
-            empty = self.text_encoder.encode([""]).to(device).expand(num_images, -1, -1)  # [B, L, D]
-            cond["context"] = self.text_encoder.encode(prompts).to(device) if prompts is not None else empty
-            uncond["context"] = empty
-        return cond, uncond
 
 
 def _model_in_channels(spec: StageSpec) -> int | None:
@@ -425,33 +330,6 @@ def _check_latent_channels(config: PipelineConfig, vae) -> None:
         )
 
 
-@contextlib.contextmanager
-def _memory_format(model: torch.nn.Module, memory_format: torch.memory_format | None):
-    """Run ``model`` with its 4-D weights and buffers in ``memory_format`` (None: as they are),
-    then give each back the tensor it had: a model in the middle of training (a trainer hook
-    sampling) keeps its layout, and a saved model its contiguous one."""
-    if memory_format is None:
-        yield
-        return
-
-    def tensors() -> dict[str, torch.Tensor]:
-        return dict(itertools.chain(model.named_parameters(), model.named_buffers()))
-
-    before = {name: tensor.data for name, tensor in tensors().items() if tensor.dim() == 4}
-    model.to(memory_format=memory_format)
-    try:
-        yield
-    finally:
-        current = tensors()
-        for name, data in before.items():
-            current[name].data = data
-
-
-def _module_device(module) -> torch.device:
-    parameter = next(iter(module.parameters()), None) if isinstance(module, torch.nn.Module) else None
-    return parameter.device if parameter is not None else torch.device("cpu")
-
-
 def _image_batches(dataset, batch_size: int):
     """``(images [B, C, H, W], labels [B])`` over the whole dataset in order."""
     if hasattr(dataset, "images") and hasattr(dataset, "labels"):
@@ -459,21 +337,3 @@ def _image_batches(dataset, batch_size: int):
             yield dataset.images[start : start + batch_size], dataset.labels[start : start + batch_size]
         return
     yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-
-
-def _randn(shape, generator) -> torch.Tensor:
-    if isinstance(generator, list):
-        return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator])
-    return torch.randn(shape, generator=generator)
-
-
-def _convert(images: torch.Tensor, output_type: str):
-    if output_type == "pt":
-        return images
-    array = images.permute(0, 2, 3, 1).numpy()
-    if output_type == "np":
-        return array
-    from PIL import Image
-
-    pixels = (array * 255).round().astype("uint8")
-    return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]

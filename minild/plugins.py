@@ -25,6 +25,7 @@ KINDS = {
     "schedule": "register_schedules",
     "model": "register_models",
     "sampler": "register_samplers",
+    "guidance": "register_guidances",
     "vae": "register_vaes",
     "text_encoder": "register_text_encoders",
     "hooks": "register_trainer_hooks",

@@ -7,39 +7,27 @@ the run and called through the ``minild_*`` hooks of ``minild.hookspecs``.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import itertools
 import math
-import os
 import time
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from minild import checkpoint, plugins
+from minild import checkpoint, plugins, runs
 from minild.conditioning import TrainingConditioner, wants_classes
+from minild.batches import BatchSource
 from minild.config import TrainConfig, parse_stage
+from minild.distributed import Processes, resolve_device
+from minild.interrupts import is_interrupt, stop_on_signals
 from minild.io import check_writable_dir
 from minild.train_step import TrainStep, compile_model, loss_readback_interval
 
 if TYPE_CHECKING:
     from minild.pipeline import Pipeline
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
-        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
-    return torch.device(name)
 
 
 @dataclass
@@ -52,28 +40,33 @@ class TrainResult:
     reason: str = ""
     resumed_from: Path | None = None  # the checkpoint this call continued from
     main_process: bool = True  # False on the other processes of a multi-process run
+    interrupted: bool = False  # stopped by Ctrl-C (SIGINT) or SIGTERM, after finishing its step
+    checkpoint: Path | None = None  # the newest checkpoint this call wrote
+    trained_seconds: float = 0.0  # training time of the whole run, resumed parts included
 
 
 class Trainer:
     """Trains ``pipeline.model`` on a dataset of ``(image in [-1, 1], label)`` pairs.
 
     ``resume``: a run directory (continue from its newest complete checkpoint) or one
-    checkpoint directory; ``run_dir`` then defaults to that run directory.
+    checkpoint directory; ``run_dir`` then defaults to that run directory. A ``run_dir`` that
+    holds another run (``minild.runs.read_run``) is refused unless the trainer resumes that
+    run or ``overwrite`` deletes it first.
     """
 
     def __init__(self, pipeline: "Pipeline", config: TrainConfig, run_dir: str | Path | None = None,
-                 resume: str | Path | None = None):
+                 resume: str | Path | None = None, overwrite: bool = False):
         validate_train_config(config)
+        if overwrite and resume is not None:
+            raise ValueError("resume and overwrite exclude each other: resume continues a run, overwrite deletes it")
         self.pipeline = pipeline
         self.config = config
         self.resume = Path(resume) if resume is not None else None
         if run_dir is None and self.resume is not None:
             run_dir = checkpoint.run_dir_of(self.resume)
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.processes = _Processes(config.device)
+        self.processes = Processes(config.device)
         self.is_main_process = self.processes.is_main
-        if self.run_dir is not None and self.is_main_process:
-            check_writable_dir(self.run_dir, "run directory")
         self.device = self.processes.device or resolve_device(config.device)
         if config.precision == "fp16" and self.device.type != "cuda":
             raise ValueError(
@@ -104,8 +97,20 @@ class Trainer:
         self.batches_done = 0
         self.epoch_loss_sum = 0.0
         self.resumed_from: Path | None = None
+        self.seconds_before = 0.0  # training time of the run before this call (from the checkpoint resumed)
+        self._start: float | None = None
         self._stop_reason: str | None = None
+        self._checkpoint: Path | None = None
+        self._checkpointed_step: int | None = None
+        self._state_written = False
         self._pending_losses: list[torch.Tensor] = []  # 0-dim device tensors not yet read back
+        if self.run_dir is not None:
+            self._claim_run_dir(overwrite)
+
+    @property
+    def trained_seconds(self) -> float:
+        """Training time of the whole run so far: before this call (a resumed run) and in it."""
+        return self.seconds_before + (time.perf_counter() - self._start if self._start is not None else 0.0)
 
     def request_stop(self, reason: str) -> None:
         """Ask the loop to stop after the current step (for hooks); the first reason wins."""
@@ -124,22 +129,29 @@ class Trainer:
         if self._stop_reason is not None and self._stop_reason.startswith("non-finite loss"):
             return None
         path = checkpoint.save_checkpoint(self)
+        self._checkpoint, self._checkpointed_step = path, self.step
         plugins.get_plugin_manager().hook.minild_checkpoint_saved(trainer=self, path=path, step=self.step)
         return path
 
     def fit(self, dataset) -> TrainResult:
+        """Train until a budget runs out, a hook stops the run, or a signal does: while it runs (in
+        the main thread) the first SIGINT or SIGTERM stops after the current step, with a
+        checkpoint when there is a run directory; a second one raises ``KeyboardInterrupt``."""
         batches, train_step = self._prepare(dataset)
         resumed = self._resume() if self.resume is not None else None
         pm = plugins.get_plugin_manager()
         # pluggy calls the last registered first: register in reverse to call in config order.
-        hook_names = [self._register_hook(spec, index) for index, spec in reversed(list(enumerate(self.config.hooks)))]
-        start = time.perf_counter()
+        hook_names = [pm.register(hook, name=f"trainer-hook-{index}-{name}-{id(hook)}")
+                      for index, name, hook in reversed(self._create_hooks())]
+        self._start = start = time.perf_counter()
         try:
-            pm.hook.minild_train_start(trainer=self)
-            if resumed is not None:
-                checkpoint.restore_global_rng(resumed)
-            self._train(batches, train_step, pm, start)
-            pm.hook.minild_train_end(trainer=self, reason=self._stop_reason)
+            with stop_on_signals(self.request_stop):
+                pm.hook.minild_train_start(trainer=self)
+                if resumed is not None:
+                    checkpoint.restore_global_rng(resumed)
+                self._train(batches, train_step, pm)
+                pm.hook.minild_train_end(trainer=self, reason=self._stop_reason)
+                self._finish()
         finally:
             for name in hook_names:
                 pm.unregister(name=name)
@@ -149,9 +161,57 @@ class Trainer:
             steps=self.step, epochs_completed=self.epoch, losses=list(self.losses),
             epoch_losses=list(self.epoch_losses), seconds=time.perf_counter() - start,
             reason=self._stop_reason or "", resumed_from=self.resumed_from, main_process=self.is_main_process,
+            interrupted=is_interrupt(self._stop_reason), checkpoint=self._checkpoint,
+            trained_seconds=self.trained_seconds,
         )
 
-    def _prepare(self, dataset) -> tuple["_BatchSource", TrainStep]:
+    def _claim_run_dir(self, overwrite: bool) -> None:
+        if self.is_main_process:
+            check_writable_dir(self.run_dir, "run directory")
+        if overwrite:
+            if self.is_main_process:
+                runs.clear_run(self.run_dir)
+        elif self.resume is None or checkpoint.run_dir_of(self.resume).resolve() != self.run_dir.resolve():
+            runs.check_fresh(self.run_dir)  # every process refuses: none may wait for the others
+
+    def _create_hooks(self) -> list[tuple[int, str, Any]]:
+        """``(index, name, hook)`` for ``train.hooks``; without a run directory, those that
+        write files are left out with one warning."""
+        hooks, skipped = [], []
+        for index, spec in enumerate(self.config.hooks):
+            stage = parse_stage("hooks", spec, "<train config>", f"train.hooks[{index}]")
+            hook = plugins.create("hooks", stage.name, **stage.params)
+            if self.run_dir is None and getattr(hook, "writes_files", False):
+                skipped.append(stage.name)
+            else:
+                hooks.append((index, stage.name, hook))
+        if skipped:
+            warnings.warn(
+                f"training without a run directory: skipping the trainer hooks that write files "
+                f"({', '.join(skipped)}); pass run_dir=... to Pipeline.train (the CLI's --out) to write them",
+                stacklevel=4,
+            )
+        return hooks
+
+    def _finish(self) -> None:
+        """After ``minild_train_end``: an interrupted run gets a checkpoint of its last step (if
+        no hook wrote one), and the run directory's ``run.json`` its final status."""
+        if self.run_dir is None or not self.is_main_process:
+            return
+        if is_interrupt(self._stop_reason) and self._checkpointed_step != self.step:
+            try:
+                self.save_checkpoint()
+            except checkpoint.CheckpointError as err:
+                warnings.warn(f"{err}; not resumable from step {self.step}", stacklevel=2)
+        self._write_run_state(runs.run_status(self._stop_reason))
+
+    def _write_run_state(self, status: str) -> None:
+        if self.run_dir is not None and self.is_main_process:
+            runs.write_run_state(self.run_dir, self.pipeline.config, status=status, step=self.step,
+                                 reason=self._stop_reason, trained_seconds=self.trained_seconds)
+        self._state_written = True
+
+    def _prepare(self, dataset) -> tuple["BatchSource", TrainStep]:
         """Put the model on the device, seed the generator, size the run and its LR schedule."""
         config = self.config
         channels_last = config.channels_last and self.device.type != "mps"
@@ -159,7 +219,7 @@ class Trainer:
         self.model.to(self.device, memory_format=memory_format).train()
         train_model = self.processes.wrap(self.model)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        batches = _BatchSource(dataset, config.batch_size, self.device, self.generator)
+        batches = BatchSource(dataset, config.batch_size, self.device, self.generator)
         self.dataset_size = batches.size
         self.steps_per_epoch = batches.num_batches // config.grad_accumulation_steps
         if self.steps_per_epoch == 0:
@@ -187,15 +247,16 @@ class Trainer:
         if same_run and self.is_main_process:
             checkpoint.set_aside_newer(self.run_dir, resumed.step)
         self.resumed_from = resumed.path
+        self._checkpointed_step = resumed.step
         return resumed
 
-    def _train(self, batches: "_BatchSource", train_step: TrainStep, pm, start: float) -> None:
+    def _train(self, batches: "BatchSource", train_step: TrainStep, pm) -> None:
         accumulation = self.config.grad_accumulation_steps
         # Hooks that name ``loss`` get a float every step (one host sync per step on a GPU); else
         # losses stay on the device and are read back every ``readback`` steps (minild.train_step).
         hooks_need_loss = any("loss" in impl.argnames for impl in pm.hook.minild_train_step_end.get_hookimpls())
         readback = 1 if hooks_need_loss else loss_readback_interval(self.config, self.device)
-        self._check_budget(start)
+        self._check_budget()
         while self._stop_reason is None:
             if self.data_order is None:
                 self.data_order = batches.shuffle()
@@ -221,12 +282,14 @@ class Trainer:
                     trainer=self, step=self.step, loss=loss if readback == 1 else None, lr=lr,
                     batch_size=batches.batch_size * accumulation,
                 )
-                self._check_budget(start)
+                if not self._state_written:  # after a first step: every process has accepted the run dir
+                    self._write_run_state("running")
+                self._check_budget()
                 if self._stop_reason is not None:
                     break
             else:
                 self._end_epoch(pm)
-                self._check_budget(start)
+                self._check_budget()
         self.read_back_losses()
 
     def read_back_losses(self) -> None:
@@ -257,20 +320,15 @@ class Trainer:
         self.data_order, self.batches_done, self.epoch_loss_sum = None, 0, 0.0
         pm.hook.minild_train_epoch_end(trainer=self, epoch=self.epoch, mean_loss=mean_loss)
 
-    def _check_budget(self, start: float) -> None:
+    def _check_budget(self) -> None:
         config = self.config
         if config.max_steps is not None and self.step >= config.max_steps:
             self.request_stop("max_steps")
         elif config.epochs is not None and self.epoch >= config.epochs:
             self.request_stop("epochs")
-        elif config.max_minutes is not None and time.perf_counter() - start >= 60 * config.max_minutes:
+        elif config.max_minutes is not None and self.trained_seconds >= 60 * config.max_minutes:
             self.request_stop("max_minutes")
         self._stop_reason = self.processes.agree_on_stop(self._stop_reason)
-
-    def _register_hook(self, spec: Any, index: int) -> str:
-        stage = parse_stage("hooks", spec, "<train config>", f"train.hooks[{index}]")
-        hook = plugins.create("hooks", stage.name, **stage.params)
-        return plugins.get_plugin_manager().register(hook, name=f"trainer-hook-{index}-{stage.name}-{id(hook)}")
 
 
 def lr_factor(config: TrainConfig, total_steps: int | None) -> Callable[[int], float]:
@@ -330,121 +388,3 @@ def validate_train_config(config: TrainConfig) -> None:
             raise ValueError(f"train.{key} must be {expected}, got {getattr(config, key)!r}")
     if config.max_steps is None and config.epochs is None and config.max_minutes is None:
         raise ValueError("set at least one of train.max_steps, train.epochs or train.max_minutes")
-
-
-class _BatchSource:
-    """Batches of ``(images [B, C, H, W], labels [B])`` on the training device, in the order
-    of a permutation of the dataset drawn from the trainer's generator once per epoch.
-
-    In-memory datasets (with ``.images`` and ``.labels``) are indexed directly; any other
-    dataset goes through a DataLoader. The ragged last batch is dropped.
-    """
-
-    def __init__(self, dataset, batch_size: int, device: torch.device, generator: torch.Generator):
-        self.device, self.generator = device, generator
-        self.size = len(dataset)
-        self.batch_size = min(batch_size, self.size)
-        self.num_batches = self.size // self.batch_size
-        self.in_memory = hasattr(dataset, "images") and hasattr(dataset, "labels")
-        if self.in_memory:
-            self.images = dataset.images.to(device)
-            self.labels = torch.as_tensor(dataset.labels, dtype=torch.long).to(device)
-        else:
-            self.dataset = dataset
-
-    def check_labels(self, num_classes: int) -> None:
-        if self.in_memory and (self.labels.min() < 0 or self.labels.max() >= num_classes):
-            raise ValueError(
-                f"dataset labels span [{int(self.labels.min())}, {int(self.labels.max())}] but the model has "
-                f"num_classes={num_classes}: labels must lie in [0, {num_classes})"
-            )
-
-    def shuffle(self) -> torch.Tensor:
-        """The next epoch's order: a permutation ``[N]`` of the dataset indices."""
-        return torch.randperm(self.size, generator=self.generator, device=self.generator.device)
-
-    def steps(self, order: torch.Tensor, start: int, group: int, num_steps: int):
-        """Lists of ``group`` consecutive batches of ``order``, from batch ``start`` up to the
-        end of the epoch's ``num_steps`` whole steps."""
-        batches = self._batches(order, start, num_steps * group)
-        while chunk := list(itertools.islice(batches, group)):
-            yield chunk
-
-    def _batches(self, order: torch.Tensor, start: int, stop: int):
-        size = self.batch_size
-        if self.in_memory:
-            for batch in range(start, stop):
-                index = order[batch * size : (batch + 1) * size]
-                yield self.images[index], self.labels[index]
-            return
-        order = order.cpu()
-        batch_sampler = [order[batch * size : (batch + 1) * size].tolist() for batch in range(start, stop)]
-        for images, labels in torch.utils.data.DataLoader(self.dataset, batch_sampler=batch_sampler):
-            yield images.to(self.device), torch.as_tensor(labels, dtype=torch.long).to(self.device)
-
-
-class _Processes:
-    """The processes of a run launched by ``accelerate launch`` (or torchrun), or just this one.
-
-    Every process holds the whole dataset and identically seeded generators, so all draw the
-    same global batch, timesteps and noise; each trains on its contiguous shard of the batch
-    and DDP averages the gradients, which makes the run that of one process with the same
-    ``batch_size`` up to float summation order. Only the main process writes files.
-    """
-
-    def __init__(self, device_name: str):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank, self.device, self.accelerator = 0, None, None
-        if self.world_size > 1:
-            from accelerate import Accelerator
-
-            # minild's own train.precision decides autocast; accelerate only wraps the model.
-            cpu = resolve_device(device_name).type == "cpu"
-            self.accelerator = Accelerator(cpu=cpu, mixed_precision="no")
-            if self.accelerator.num_processes != self.world_size:
-                raise RuntimeError(
-                    f"launched as {self.world_size} processes but accelerate set up {self.accelerator.num_processes}: "
-                    "launch with `accelerate launch --multi_gpu` or torchrun (gloo on CPUs)"
-                )
-            self.rank, self.device = self.accelerator.process_index, self.accelerator.device
-            # Tear the process group down before the interpreter does: gloo's threads abort
-            # a process that exits with them still running.
-            atexit.register(self.accelerator.end_training)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def check_batch_size(self, batch_size: int) -> None:
-        if batch_size % self.world_size:
-            raise ValueError(
-                f"train.batch_size {batch_size} must split evenly over the {self.world_size} processes "
-                "(it is the global batch)"
-            )
-
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model if self.accelerator is None else self.accelerator.prepare_model(model)
-
-    def shard(self, batch_size: int) -> slice:
-        if self.world_size == 1:
-            return slice(None)
-        size = batch_size // self.world_size
-        return slice(self.rank * size, (self.rank + 1) * size)
-
-    def no_sync(self, model, *, last: bool):
-        """Skip the gradient all-reduce on all but the last forward pass of an accumulated step."""
-        return contextlib.nullcontext() if last or self.accelerator is None else self.accelerator.no_sync(model)
-
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        return value if self.accelerator is None else self.accelerator.reduce(value, "mean")
-
-    def agree_on_stop(self, reason: str | None) -> str | None:
-        """Stop all processes when any one wants to, with the first process's reason."""
-        if self.accelerator is None:
-            return reason
-        wants = torch.tensor([reason is not None], dtype=torch.int32, device=self.device)
-        if not self.accelerator.reduce(wants, "sum").item():
-            return None
-        reasons = [None] * self.world_size
-        torch.distributed.all_gather_object(reasons, reason)
-        return next(r for r in reasons if r is not None)

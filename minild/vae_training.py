@@ -16,7 +16,7 @@ import torch
 from minild import plugins
 from minild.config import VAETrainingConfig
 from minild.data import load_dataset
-from minild.images import save_grid
+from minild.images import save_labeled_grid
 from minild.train import resolve_device
 
 RECONSTRUCTIONS_NAME = "reconstructions.png"
@@ -188,5 +188,6 @@ def _spread(images: torch.Tensor, num: int = 10) -> torch.Tensor:
 def _save_reconstructions(vae, originals: torch.Tensor, path: Path) -> None:
     """Two rows: the originals, and below them decode(encode(original))."""
     reconstructions = vae.decode(vae.encode(originals, generator=torch.Generator().manual_seed(0)))
-    grid = torch.cat([originals, reconstructions.clamp(-1, 1)])
-    save_grid((grid + 1) / 2, path, nrow=len(originals))
+    grid = torch.stack([originals, reconstructions.clamp(-1, 1)])  # [2, N, C, H, W]
+    save_labeled_grid((grid + 1) / 2, path, row_labels=["original", "reconstruction"],
+                      title="decode(encode(image)) below each original")

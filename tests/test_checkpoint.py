@@ -144,10 +144,19 @@ def test_resume_without_a_complete_checkpoint_is_a_clear_error(tmp_path):
         run(None, resume=tmp_path)
 
 
-def test_a_fresh_run_refuses_a_run_dir_that_holds_checkpoints(tmp_path):
+def test_a_fresh_run_refuses_a_run_dir_that_holds_a_run_and_overwrite_starts_over(tmp_path):
     run(tmp_path, max_steps=2)
-    with pytest.raises(ValueError, match="already holds checkpoints .* continue that run with --resume"):
+    with pytest.raises(ValueError, match=r"already holds a finished run \(2 steps\): continue it with resume=.* "
+                                         r"start over with overwrite=True \(`--overwrite`: deletes that run\)"):
         run(tmp_path, max_steps=2)
+    (tmp_path / "notes.txt").write_text("mine")
+    pipe = minild.Pipeline.from_config(resume_config(max_steps=4))
+    result = pipe.train(tiny_dataset(64), run_dir=tmp_path, overwrite=True)
+    assert result.resumed_from is None and result.steps == 4
+    assert [path.name for path in checkpoint.list_checkpoints(tmp_path)] == ["step-000002", "step-000004"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "step"] == [1, 2, 3, 4]  # nothing of the old run
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # what is not the run's stays
 
 
 # The child trains with a checkpoint every 2 steps and SIGKILLs itself halfway through

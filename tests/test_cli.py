@@ -15,6 +15,8 @@ from minild.config import ConfigError
 from minild.images import grid_conditions
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; see tests/conftest.py
+
 
 def test_train_then_sample_writes_pngs(tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
@@ -25,7 +27,7 @@ def test_train_then_sample_writes_pngs(tmp_path, capsys):
     assert Image.open(run / "samples.png").size[0] > 28
     assert main(["sample", str(run), "--num", "9", "--steps", "3", "--sampler", "ddim", "--eta", "1.0",
                  "--out", str(tmp_path / "grid.png")]) == 0
-    assert Image.open(tmp_path / "grid.png").size == (3 * 30 + 2, 3 * 30 + 2)
+    assert min(Image.open(tmp_path / "grid.png").size) > 3 * 2 * 30  # 3 × 3 digits, enlarged, under a title
 
 
 def test_bad_config_is_reported_with_exit_code_2(tmp_path, capsys):
@@ -79,8 +81,8 @@ def test_class_conditional_grid_has_one_column_per_class(tmp_path):
     config.write_text(yaml.safe_dump(tiny_config(model={"num_classes": 10})))
     run = tmp_path / "run"
     assert main(["train", str(config), "--out", str(run), "--max-steps", "1", "--grid", "20"]) == 0
-    assert Image.open(run / "samples.png").size == (10 * 30 + 2, 2 * 30 + 2)
-
+    width, height = Image.open(run / "samples.png").size
+    assert width > 10 * 2 * 30 and 2 * 2 * 30 < height < width / 2  # 2 rows of 10 labelled columns
 
 
 def test_text_conditioned_grid_prompts_one_digit_per_column(tmp_path, tiny_clip_dir, offline):
@@ -97,4 +99,5 @@ def test_text_conditioned_grid_prompts_one_digit_per_column(tmp_path, tiny_clip_
     path.write_text(yaml.safe_dump(config))
     run = tmp_path / "run"
     assert main(["train", str(path), "--out", str(run), "--max-steps", "1", "--grid", "20"]) == 0
-    assert Image.open(run / "samples.png").size == (10 * 30 + 2, 2 * 30 + 2)
+    width, height = Image.open(run / "samples.png").size
+    assert width > 10 * 2 * 30 and height > 2 * 2 * 30 + 100  # 10 columns under their upright prompts

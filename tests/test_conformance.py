@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from minild import plugins
-from minild.testing import ModelConformance, SamplerConformance, ScheduleConformance
+from minild.testing import GuidanceConformance, ModelConformance, SamplerConformance, ScheduleConformance
 from tests.conftest import TINY_MODELS
 
 
@@ -79,8 +79,27 @@ class TestDPMSolverPPTrailingSigmaMin(SamplerConformance):
     name = "dpm_solver_pp"
     params = {"timestep_spacing": "trailing", "final_sigmas_type": "sigma_min"}
 
-def test_every_built_in_schedule_model_and_sampler_is_checked_here():
-    suites = {"schedule": ScheduleConformance, "model": ModelConformance, "sampler": SamplerConformance}
+class TestCFG(GuidanceConformance):
+    name = "cfg"
+
+
+class TestCFGInterval(GuidanceConformance):
+    name = "cfg_interval"
+    params = {"scale": 3.0, "sigma_low": 0.2, "sigma_high": 1.0}  # inside the tiny schedule's σ range
+
+
+class TestCFGRescale(GuidanceConformance):
+    name = "cfg_rescale"
+
+
+class TestAPG(GuidanceConformance):
+    name = "apg"
+    params = {"scale": 4.0, "momentum": -0.5, "norm_threshold": 1.0, "eta": 0.0}
+
+
+def test_every_built_in_schedule_model_sampler_and_guidance_is_checked_here():
+    suites = {"schedule": ScheduleConformance, "model": ModelConformance, "sampler": SamplerConformance,
+              "guidance": GuidanceConformance}
     checked = {
         (kind, cls.name)
         for cls in globals().values()

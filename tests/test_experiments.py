@@ -12,7 +12,7 @@ from PIL import Image
 
 import minild
 from minild import metrics
-from minild.cli import main
+from minild.cli import _parser, main
 from minild.data import load_dataset
 from minild.experiments import (
     DIGIT_WORDS,
@@ -23,7 +23,7 @@ from minild.experiments import (
 )
 from tests.conftest import tiny_config
 from tests.test_metrics import QUICK_TRAIN_STEPS, quick_classifier_cache
-CELL = 28 + 2  # an image and make_grid's padding
+CELL = 28 + 2  # an image and its padding, before the grid enlarges it
 
 
 class RealDigitsPipeline:
@@ -36,12 +36,12 @@ class RealDigitsPipeline:
         self.model = SimpleNamespace(num_classes=num_classes)
         self.calls = []
 
-    def generate(self, num_images=None, *, class_labels=None, prompts=None, guidance_scale=1.0,
-                 num_inference_steps=50, generator=None, seed=None):
+    def generate(self, num_images=None, *, class_labels=None, prompts=None, guidance_scale=1.0, guidance=None,
+                 num_inference_steps=50, sampler=None, generator=None, seed=None):
         if prompts is not None:
             class_labels = [_digit_named_in(prompt) for prompt in prompts]
-        self.calls.append({"num_images": len(class_labels), "guidance_scale": guidance_scale,
-                           "seed": generator.initial_seed()})
+        self.calls.append({"num_images": len(class_labels), "guidance_scale": guidance_scale, "guidance": guidance,
+                           "sampler": sampler, "steps": num_inference_steps, "seed": generator.initial_seed()})
         picks = []
         for label in class_labels:
             candidates = torch.nonzero(self.labels == label).flatten()
@@ -89,10 +89,11 @@ def test_cfg_digits_writes_grid_csv_and_markdown_with_one_row_per_scale(tmp_path
     assert len(table) == 3
     assert float(table[2]["guidance_scale"]) == 3.0 and "accuracy_9" in table[2]
     markdown = (tmp_path / "results.md").read_text()
-    assert "| guidance scale | paper w | mean acc | digit-FID | seconds |" in markdown
-    assert len([line for line in markdown.splitlines() if line.startswith("| ") and line[2].isdigit()]) == 3
-    # 10 rows of digits; 3 blocks of 4 columns with 2 separators of 4 pixels.
-    assert Image.open(tmp_path / "grid.png").size == (3 * (4 * CELL + 2) + 2 * 4, 10 * CELL + 2)
+    assert "| method | guidance scale | paper w | mean acc | digit-FID | seconds | evaluations |" in markdown
+    assert len([line for line in markdown.splitlines() if line.startswith("| cfg | ")]) == 3
+    # 10 labelled rows of digits, enlarged; 3 blocks of 4 columns under their headers.
+    width, height = Image.open(tmp_path / "grid.png").size
+    assert width > 2 * 3 * 4 * CELL and height > 2 * 10 * CELL
 
 
 def test_cfg_digits_samples_in_bounded_seeded_batches(classifier):
@@ -105,6 +106,34 @@ def test_cfg_digits_samples_in_bounded_seeded_batches(classifier):
     again = run_cfg_digits(RealDigitsPipeline(), guidance_scales=(1.0, 5.0), per_class=10, batch_size=32,
                            classifier=classifier)
     assert [row["digit_fid"] for row in again] == [row["digit_fid"] for row in first]
+
+
+def test_cfg_digits_scores_every_method_at_every_scale_from_the_same_noise(tmp_path, classifier):
+    pipeline = RealDigitsPipeline()
+    interval = {"name": "cfg_interval", "sigma_low": 0.3}
+    rows = run_cfg_digits(pipeline, methods=["cfg", interval], guidance_scales=(1.5, 3.0), per_class=3, batch_size=16,
+                          num_inference_steps=7, sampler="ddpm", out_dir=tmp_path, classifier=classifier,
+                          grid_per_class=2)
+    assert [(row["method"], row["guidance_scale"]) for row in rows] == [
+        ("cfg", 1.5), ("cfg", 3.0), ("cfg_interval:sigma_low=0.3", 1.5), ("cfg_interval:sigma_low=0.3", 3.0)]
+    assert [call["guidance"] for call in pipeline.calls] == ["cfg"] * 4 + [interval] * 4  # 2 batches per cell
+    assert {(call["sampler"], call["steps"]) for call in pipeline.calls} == {("ddpm", 7)}
+    seeds = [tuple(call["seed"] for call in pipeline.calls[start:start + 2]) for start in range(0, 8, 2)]
+    assert len(set(seeds)) == 1 and len(set(seeds[0])) == 2  # the same two batches of noise in every cell
+    assert all(row["model_evaluations_per_image"] is None for row in rows)  # the stub has no torch model
+    assert {path.name for path in tmp_path.iterdir()} == {"grid.png", "results.csv", "results.md", "frontier.png"}
+    with (tmp_path / "results.csv").open() as file:
+        table = list(csv.DictReader(file))
+    assert [(line["method"], line["guidance_scale"]) for line in table][2] == ("cfg_interval:sigma_low=0.3", "1.5")
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| cfg_interval:sigma_low=0.3 | 3 | 2 |" in markdown and "ddpm with 7 inference steps" in markdown
+    assert Image.open(tmp_path / "frontier.png").size[0] > 800
+
+
+def test_cfg_digits_refuses_methods_that_are_not_guidance_specs(classifier):
+    for methods in ("cfg", [], [{"sigma_low": 0.3}]):
+        with pytest.raises(ValueError, match="guidance spec"):
+            run_cfg_digits(RealDigitsPipeline(), methods=methods, classifier=classifier)
 
 
 def test_cfg_digits_refuses_a_model_that_is_not_class_conditional(classifier):
@@ -128,7 +157,8 @@ def test_prompt_digits_reports_the_match_of_every_prompt(tmp_path, classifier):
     assert all(sum(row["predicted_counts"]) == 6 for row in rows)
     markdown = (tmp_path / "prompts.md").read_text()
     assert "| 21 | 7 | a handwritten digit seven |" in markdown
-    assert Image.open(tmp_path / "prompts_grid.png").size == (5 * CELL + 2, 30 * CELL + 2)
+    width, height = Image.open(tmp_path / "prompts_grid.png").size
+    assert width > 2 * 5 * CELL and height > 2 * 30 * CELL  # and a label left of every row
 
 
 def test_prompts_file_maps_digits_to_prompts(tmp_path):
@@ -155,13 +185,41 @@ def cached_classifier_env(cache_dir, monkeypatch):
 def test_cli_cfg_digits_runs_a_saved_pipeline_end_to_end(tmp_path, cached_classifier_env, capsys):
     run = tmp_path / "run"
     minild.Pipeline.from_config(tiny_config(model={"num_classes": 10})).save_pretrained(run)
-    assert main(["experiment", "cfg-digits", str(run), "--per-class", "2", "--scales", "1", "3", "--steps", "2"]) == 0
+    assert main(["experiment", "cfg-digits", str(run), "--per-class", "2", "--scales", "1", "3", "--steps", "2",
+                 "--sampler", "ddpm"]) == 0
     out = capsys.readouterr().out
-    assert "| guidance scale | paper w |" in out
-    assert "| 1 | 0 |" in out and "| 3 | 2 |" in out
+    assert "| method | guidance scale | paper w |" in out and "ddpm with 2 inference steps" in out
+    # two steps: one forward per image and step at scale 1, a conditional and an unconditional one at scale 3
+    assert "| cfg | 1 | 0 |" in out and "| 2 | " in out.split("| cfg | 1 | 0 |")[1].split("\n")[0]
+    assert "| cfg | 3 | 2 |" in out and "| 4 | " in out.split("| cfg | 3 | 2 |")[1].split("\n")[0]
     results = run / "cfg_digits"
-    assert {path.name for path in results.iterdir()} == {"grid.png", "results.csv", "results.md"}
-    assert Image.open(results / "grid.png").size == (2 * (2 * CELL + 2) + 4, 10 * CELL + 2)
+    assert {path.name for path in results.iterdir()} == {"grid.png", "results.csv", "results.md", "frontier.png"}
+    width, height = Image.open(results / "grid.png").size
+    assert width > 2 * 2 * 2 * CELL and height > 2 * 10 * CELL
+
+
+@pytest.mark.filterwarnings("ignore:classifier-free guidance with a model trained without condition dropout")
+def test_cli_cfg_digits_compares_guidance_methods(tmp_path, cached_classifier_env, capsys):
+    run = tmp_path / "run"
+    minild.Pipeline.from_config(tiny_config(model={"num_classes": 10})).save_pretrained(run)
+    assert main(["experiment", "cfg-digits", str(run), "--per-class", "1", "--scales", "3", "--steps", "4",
+                 "--methods", "cfg,cfg_interval:sigma_low=0.5,sigma_high=2", "apg", "--out", str(tmp_path / "out")]) == 0
+    with (tmp_path / "out" / "results.csv").open() as file:
+        table = {line["method"]: float(line["model_evaluations_per_image"]) for line in csv.DictReader(file)}
+    assert list(table) == ["cfg", "cfg_interval:sigma_low=0.5,sigma_high=2", "apg"]
+    assert table["cfg"] == table["apg"] == 8  # 4 steps, two passes each
+    assert 4 <= table["cfg_interval:sigma_low=0.5,sigma_high=2"] < 8  # one pass outside the interval
+    assert (tmp_path / "out" / "frontier.png").is_file()
+    assert main(["experiment", "cfg-digits", str(run), "--methods", "cgf"]) == 2
+    assert "unknown guidance 'cgf' (did you mean 'cfg'?)" in capsys.readouterr().err
+
+
+def test_cli_methods_are_names_with_optional_parameters():
+    args = _parser().parse_args(["experiment", "cfg-digits", "RUN", "--methods", "cfg,cfg_interval:sigma_low=0.3,"
+                                 "sigma_high=2", "apg", "--scales", "1", "1.5"])
+    assert args.methods == [[{"name": "cfg"}, {"name": "cfg_interval", "sigma_low": 0.3, "sigma_high": 2}],
+                            [{"name": "apg"}]]
+    assert args.scales == [1.0, 1.5] and args.steps is None and args.sampler is None
 
 
 def test_cli_cfg_digits_on_an_unconditional_run_is_an_error(tmp_path, cached_classifier_env, capsys):

@@ -1,4 +1,4 @@
-"""The minimal sampler and model printed in docs/plugins.md work: they pass the conformance
+"""The minimal sampler, model and guidance printed in docs/plugins.md work: they pass the conformance
 suite after in-process registration, as the guide says they would after `pip install`."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import minild
-from minild.testing import ModelConformance, SamplerConformance
+from minild.testing import GuidanceConformance, ModelConformance, SamplerConformance
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 
@@ -26,7 +26,7 @@ def guide_module(first_line: str) -> types.ModuleType:
 
 @pytest.fixture(scope="module", autouse=True)
 def guide_plugins():
-    names = [minild.register_plugin(guide_module(f"# {name}/__init__.py")) for name in ("my_sampler", "my_model")]
+    names = [minild.register_plugin(guide_module(f"# {name}/__init__.py")) for name in ("my_sampler", "my_model", "my_guidance")]
     yield
     for name in names:
         minild.unregister_plugin(name)
@@ -43,11 +43,16 @@ class TestGuideModel(ModelConformance):
     params = {"channels": 8}
 
 
-def test_guide_config_uses_both_stages_by_name():
+class TestGuideGuidance(GuidanceConformance):
+    name = "linear_ramp"
+
+
+def test_guide_config_uses_its_stages_by_name():
     config = {
         "schedule": {"name": "linear", "num_timesteps": 100},
         "model": {"name": "small_eps", "channels": 8, "num_classes": 10},
         "sampler": {"name": "deterministic_ddim"},
+        "guidance": {"name": "linear_ramp", "scale": 4.0},
         "image_shape": [1, 8, 8],
         "train": {"hooks": []},
     }

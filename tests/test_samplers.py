@@ -329,7 +329,7 @@ def test_sampler_parameters_are_keyword_only_annotated_plain_data(name):
     for parameter in parameters[1:]:
         assert parameter.kind is inspect.Parameter.KEYWORD_ONLY, parameter.name
         assert parameter.annotation is not inspect.Parameter.empty, parameter.name
-        assert isinstance(parameter.default, (int, float, str)), parameter.name
+        assert isinstance(parameter.default, (int, float, str, type(None))), parameter.name
 
 
 @pytest.mark.parametrize("name, params", [("ddpm", {}), ("ddim", {"eta": 1.0}), ("dpm_solver_pp", {})])

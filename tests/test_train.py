@@ -183,10 +183,18 @@ def test_checkpoint_hook_refuses_nan_weights_and_stops(tmp_path):
 # -- built-in hooks ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("hook", ["metrics_log", "loss_plot", "sample_grid", "checkpoint"])
-def test_hooks_that_write_files_need_a_run_dir(hook):
-    with pytest.raises(ValueError, match=f"the '{hook}' trainer hook writes into the run directory"):
-        train(max_steps=1, hooks=[hook])
+def test_without_a_run_dir_the_hooks_that_write_files_are_skipped_with_one_warning(recorder):
+    hooks = ["progress", "metrics_log", "loss_plot", {"name": "sample_grid", "every_steps": 1}, "checkpoint",
+             "tensorboard", {"name": "ema", "decay": 0.9}]
+    with pytest.warns(UserWarning) as warned:
+        pipe, result = train(max_steps=2, hooks=hooks)
+    messages = [str(w.message) for w in warned if "run directory" in str(w.message)]
+    assert messages == [
+        "training without a run directory: skipping the trainer hooks that write files (metrics_log, loss_plot, "
+        "sample_grid, checkpoint, tensorboard); pass run_dir=... to Pipeline.train (the CLI's --out) to write them"
+    ]
+    assert result.steps == 2 and pipe.ema_model is not None  # the other hooks ran
+    assert recorder.images == []
 
 
 def test_metrics_log_has_a_record_per_step_and_per_epoch(tmp_path):

@@ -23,6 +23,12 @@ def check_num_inference_steps(num_inference_steps, num_timesteps: int) -> None:
         )
 
 
+def check_default_steps(num_inference_steps, num_timesteps: int) -> None:
+    """A sampler's configured default chain length: None, or as ``check_num_inference_steps``."""
+    if num_inference_steps is not None:
+        check_num_inference_steps(num_inference_steps, num_timesteps)
+
+
 def leading_timesteps(num_timesteps: int, num_inference_steps: int, steps_offset: int = 0) -> list[int]:
     """diffusers' "leading" spacing: T//n·(n−1), …, T//n, 0, each plus ``steps_offset``.
 

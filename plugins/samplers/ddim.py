@@ -15,6 +15,7 @@ from minild import NoiseSchedule
 from .common import (
     GeneratorOrList,
     check_choice,
+    check_default_steps,
     check_clip_sample_range,
     check_steps_offset,
     initial_latents,
@@ -39,6 +40,7 @@ class DDIMSampler:
       Stable Diffusion and SDXL use 1).
     - ``final_alpha_cumprod``: ᾱ_prev of the last step; ``"one"`` ends on the clean image
       (diffusers' ``set_alpha_to_one=True``), ``"first"`` uses ᾱ_0 (``set_alpha_to_one=False``, SDXL).
+    - ``num_inference_steps``: the chain length ``sample`` walks when given None (None: 50).
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class DDIMSampler:
         clip_sample_range: float = 1.0,
         steps_offset: int = 0,
         final_alpha_cumprod: str = "one",
+        num_inference_steps: int | None = None,
     ):
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
             raise ValueError(f"eta must be a number >= 0, got {eta!r}")
@@ -57,6 +60,8 @@ class DDIMSampler:
         check_clip_sample_range(clip_sample_range)
         check_steps_offset(steps_offset)
         check_choice("final_alpha_cumprod", final_alpha_cumprod, FINAL_ALPHA_CUMPROD)
+        check_default_steps(num_inference_steps, schedule.num_timesteps)
+        self.num_inference_steps = num_inference_steps
         self.schedule = schedule
         self.eta = float(eta)
         self.clip_sample = clip_sample
@@ -82,12 +87,12 @@ class DDIMSampler:
     ) -> torch.Tensor:
         """Denoise x_T of ``shape`` (B, C, H, W) into x_0 with ``model_fn(x, t) -> eps``.
 
-        ``num_inference_steps`` (default 50) walks ``self.timesteps(num_inference_steps)``.
+        ``num_inference_steps`` (default: the sampler's, else 50) walks ``self.timesteps(num_inference_steps)``.
         Without ``latents``, x_T is drawn with ``generator`` on ``device`` (default CPU), in
         float32. With eta > 0 each step draws its noise z with ``generator`` too.
         """
         if num_inference_steps is None:
-            num_inference_steps = 50
+            num_inference_steps = self.num_inference_steps or 50
         timesteps = self.timesteps(num_inference_steps)
         x = initial_latents(shape, generator, latents, device)
         # Each step: ε = model_fn(x_t, t), then self.step to the next timestep (common.run_chain).

@@ -14,6 +14,7 @@ from minild import NoiseSchedule
 from .common import (
     GeneratorOrList,
     check_choice,
+    check_default_steps,
     check_clip_sample_range,
     check_steps_offset,
     initial_latents,
@@ -35,6 +36,7 @@ class DDPMSampler:
       (images live in [-1, 1]); ``"none"`` leaves it.
     - ``steps_offset``: added to every timestep of the chain (diffusers' ``steps_offset``;
       Stable Diffusion and SDXL use 1). The last step always ends on the clean sample (ᾱ = 1).
+    - ``num_inference_steps``: the chain length ``sample`` walks when given None (None: all T steps).
     """
 
     def __init__(
@@ -45,8 +47,11 @@ class DDPMSampler:
         clip_sample: str = "clip",
         clip_sample_range: float = 1.0,
         steps_offset: int = 0,
+        num_inference_steps: int | None = None,
     ):
         check_choice("variance_type", variance_type, VARIANCE_TYPES)
+        check_default_steps(num_inference_steps, schedule.num_timesteps)
+        self.num_inference_steps = num_inference_steps
         check_choice("clip_sample", clip_sample, CLIP_SAMPLE)
         check_clip_sample_range(clip_sample_range)
         check_steps_offset(steps_offset)
@@ -74,12 +79,12 @@ class DDPMSampler:
     ) -> torch.Tensor:
         """Denoise x_T of ``shape`` (B, C, H, W) into x_0 with ``model_fn(x, t) -> eps``.
 
-        ``num_inference_steps`` (default: every one of the T training steps) walks
-        ``self.timesteps(num_inference_steps)``, each step jumping to the next one. Without
+        ``num_inference_steps`` (default: the sampler's, else every one of the T training steps)
+        walks ``self.timesteps(num_inference_steps)``, each step jumping to the next one. Without
         ``latents``, x_T is drawn with ``generator`` on ``device`` (default CPU), in float32.
         """
         if num_inference_steps is None:
-            num_inference_steps = self.schedule.num_timesteps
+            num_inference_steps = self.num_inference_steps or self.schedule.num_timesteps
         timesteps = self.timesteps(num_inference_steps)
         x = initial_latents(shape, generator, latents, device)
         # Each step: ε = model_fn(x_t, t), then self.step to the next timestep (common.run_chain).

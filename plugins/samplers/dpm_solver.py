@@ -15,6 +15,7 @@ from minild import NoiseSchedule
 from .common import (
     GeneratorOrList,
     check_choice,
+    check_default_steps,
     check_num_inference_steps,
     check_steps_offset,
     initial_latents,
@@ -40,6 +41,7 @@ class DPMSolverPPSampler:
     - ``steps_offset``: added to the "leading" timesteps (diffusers' ``steps_offset``).
     - ``final_sigmas_type``: ``"zero"`` (default) makes the last step land on σ = 0, i.e. return
       the model's x̂0 of the last timestep; ``"sigma_min"`` stops at the noise level of t = 0.
+    - ``num_inference_steps``: the number of steps ``sample`` takes when given None (None: 20).
 
     ``step`` is multistep: it keeps the previous step's x̂0 and timestep, and ``timesteps(n)``
     starts a new chain.
@@ -52,8 +54,11 @@ class DPMSolverPPSampler:
         timestep_spacing: str = "linspace",
         final_sigmas_type: str = "zero",
         steps_offset: int = 0,
+        num_inference_steps: int | None = None,
     ):
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        check_default_steps(num_inference_steps, schedule.num_timesteps)
+        self.num_inference_steps = num_inference_steps
         check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
         check_steps_offset(steps_offset)
         self.schedule = schedule
@@ -98,11 +103,11 @@ class DPMSolverPPSampler:
     ) -> torch.Tensor:
         """Denoise x_T of ``shape`` (B, C, H, W) into x_0 with ``model_fn(x, t) -> eps``.
 
-        ``num_inference_steps`` (default 20) model evaluations. Without ``latents``, x_T is drawn
+        ``num_inference_steps`` (default: the sampler's, else 20) model evaluations. Without ``latents``, x_T is drawn
         with ``generator`` on ``device`` (default CPU), in float32; nothing else is random.
         """
         if num_inference_steps is None:
-            num_inference_steps = 20
+            num_inference_steps = self.num_inference_steps or 20
         timesteps = self.timesteps(num_inference_steps)
         x = initial_latents(shape, generator, latents, device)
         # Each step: ε = model_fn(x_t, t), then self.step to the next timestep (common.run_chain).
