@@ -46,6 +46,26 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+def add_device_argument(parser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work, so a clock read after it measures the work itself."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def device_line(device: str | torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"device {torch.cuda.get_device_name(device)}"
+    return f"device {device.type}"
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -99,7 +119,7 @@ def train_step_flops(model: torch.nn.Module, batch_size: int, image_shape, *, nu
     """FLOPs of one forward + backward of the eps-MSE at ``batch_size`` (the optimizer's
     elementwise update is not counted: FlopCounterMode counts matmuls and convolutions);
     ``only``: count just the ops whose name contains it (``"convolution"``)."""
-    model = copy.deepcopy(model).train()
+    model = copy.deepcopy(model).cpu().train()  # counted on the CPU: FLOPs do not depend on the device
     x = torch.randn(batch_size, *image_shape)
     t = torch.randint(0, 1000, (batch_size,))
     kwargs = {"class_labels": torch.randint(0, num_classes + 1, (batch_size,))} if num_classes else {}
@@ -112,6 +132,7 @@ def train_step_flops(model: torch.nn.Module, batch_size: int, image_shape, *, nu
 
 def forward_flops(model: torch.nn.Module, batch_size: int, image_shape, *, num_classes: int | None) -> int:
     """FLOPs of one inference forward at ``batch_size``."""
+    model = copy.deepcopy(model).cpu()
     x = torch.randn(batch_size, *image_shape)
     t = torch.randint(0, 1000, (batch_size,))
     kwargs = {"class_labels": torch.randint(0, num_classes + 1, (batch_size,))} if num_classes else {}
@@ -120,14 +141,18 @@ def forward_flops(model: torch.nn.Module, batch_size: int, image_shape, *, num_c
     return counter.get_total_flops()
 
 
-def matmul_gflops(size: int, seconds: float) -> float:
-    """fp32 GFLOP/s of repeated ``size × size`` matmuls for about ``seconds``."""
+def matmul_gflops(size: int, seconds: float, device: str | torch.device = "cpu") -> float:
+    """fp32 GFLOP/s of repeated ``size × size`` matmuls on ``device`` for about ``seconds``."""
     import time
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     a @ b  # warm-up
+    synchronize(device)
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds or done < 2:
         a @ b
         done += 1
+        if done % 16 == 0:
+            synchronize(device)
+    synchronize(device)
     return 2 * size**3 * done / (time.perf_counter() - start) / 1e9

@@ -17,7 +17,16 @@ import time
 import torch
 
 import minild
-from _common import count_parameters, default_config, machine_line, markdown_table, peak_rss_mib, seed_recipe_config
+from _common import (
+    add_device_argument,
+    count_parameters,
+    default_config,
+    device_line,
+    machine_line,
+    markdown_table,
+    peak_rss_mib,
+    seed_recipe_config,
+)
 from minild.data import load_dataset
 from minild.metrics import classify, digit_features, frechet_distance, load_digit_classifier, mean_accuracy
 
@@ -30,6 +39,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 3.0],
                         help="guidance scales (1 = plain conditional)")
+    add_device_argument(parser)
     args = parser.parse_args()
     minutes, per_class, steps = ([0.05, 0.1], 5, 5) if args.quick else (sorted(args.minutes), args.per_class, args.steps)
 
@@ -42,6 +52,7 @@ def main() -> None:
     dataset = load_dataset("digits", split="train")
     rows, best = [], []
     for name, config in recipes.items():
+        config["train"]["device"] = args.device  # training and generate() run there
         pipe = minild.Pipeline.from_config(config)
         snapshots = train_with_snapshots(pipe, dataset, minutes)
         for snapshot in snapshots:
@@ -58,7 +69,7 @@ def main() -> None:
 
     title = "quick check, not a measurement" if args.quick else "measured"
     print(f"## Digit quality per training minute ({title})\n")
-    print(f"{machine_line()}; {10 * per_class} digits per cell (DDIM-{steps}, seed 0), digit-FID against the "
+    print(f"{machine_line()}, {device_line(args.device)}; {10 * per_class} digits per cell (DDIM-{steps}, seed 0), digit-FID against the "
           f"500 held-out digits; seed recipe: base_channels {recipes['seed recipe (Lab 2.6.1)']['model']['base_channels']}, "
           "cosine, batch 128, AdamW 3e-4, no EMA, class embedding with p_uncond 0.1.\n")
     print(markdown_table(["recipe", "minutes", "steps", "images seen",

@@ -1,10 +1,11 @@
-"""Sampling speed on a CPU: 100 class-conditional digits with classifier-free guidance (scale 3)
-from the default digit model, minild's samplers against the common hand-written diffusers loop;
-and the time and peak memory of 1,000 guided digits. Prints a Markdown table.
+"""Sampling speed on a CPU (or on ``--device cuda``): 100 class-conditional digits with
+classifier-free guidance (scale 3) from the default digit model, minild's samplers against the
+common hand-written diffusers loop; and the time and peak memory of 1,000 guided digits. Prints a Markdown table.
 
     python benchmarks/bench_sample.py                 # about 15 minutes
     python benchmarks/bench_sample.py --run RUN_DIR   # a trained run instead of fresh weights
     python benchmarks/bench_sample.py --quick         # under a minute: checks that it runs
+    python benchmarks/bench_sample.py --device cuda   # on a GPU
 """
 
 from __future__ import annotations
@@ -19,8 +20,19 @@ import time
 import torch
 
 import minild
-from _common import default_config, forward_flops, machine_line, markdown_table, median, peak_rss_mib
+from _common import (
+    add_device_argument,
+    default_config,
+    device_line,
+    forward_flops,
+    machine_line,
+    markdown_table,
+    median,
+    peak_rss_mib,
+    synchronize,
+)
 from minild.conditioning import guided_model_fn
+from minild.devices import resolve_batch_size
 
 GUIDANCE_SCALE = 3.0
 GIB = 2**30
@@ -32,19 +44,23 @@ def main() -> None:
     parser.add_argument("--run", help="a saved pipeline (minild train --out RUN_DIR); default: the default "
                                       "config's untrained model, which costs the same per step")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (DDPM-1000 runs in the first only)")
-    parser.add_argument("--thousand", type=int, metavar="BATCH_SIZE", help=argparse.SUPPRESS)  # child process mode
+    parser.add_argument("--thousand", metavar="BATCH_SIZE", help=argparse.SUPPRESS)  # child process mode
     parser.add_argument("--steps", type=int, default=50, help=argparse.SUPPRESS)
+    add_device_argument(parser)
     args = parser.parse_args()
+    device = torch.device(args.device)
     pipe = minild.Pipeline.from_pretrained(args.run) if args.run else minild.Pipeline.from_config(default_config())
+    pipe.config.train.device = args.device  # generate() runs there
     if args.thousand is not None:
-        return sample_thousand(pipe, args.thousand or None, args.steps)
+        batch_size = {"0": None, "auto": "auto"}[args.thousand] if args.thousand in ("0", "auto") else int(args.thousand)
+        return sample_thousand(pipe, batch_size, args.steps, device)
 
     quick = args.quick
     num_images, rounds = (20, 1) if quick else (100, args.rounds)
     ddim_steps, ddpm_steps, dpm_steps = (5, 20, (2, 4)) if quick else (50, 1000, (10, 20))
     labels = torch.arange(10).repeat(num_images // 10)  # [N]: 0, 1, …, 9, 0, …
     latents = torch.randn((num_images, *pipe.image_shape), generator=torch.Generator().manual_seed(0))
-    model = pipe.ema_model if pipe.ema_model is not None else pipe.model
+    model = (pipe.ema_model if pipe.ema_model is not None else pipe.model).to(device)
     # What generate() does inside (train.channels_last), done by hand to the hand-written loop.
     model_channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
 
@@ -77,7 +93,8 @@ def main() -> None:
         for name, (run, _, _, variant_rounds) in variants.items():
             if round_index < variant_rounds:
                 start = time.perf_counter()
-                outputs[name] = run()
+                outputs[name] = run().cpu()
+                synchronize(device)
                 seconds[name].append(time.perf_counter() - start)
 
     reference = next(iter(variants))
@@ -93,11 +110,12 @@ def main() -> None:
             f"{median(seconds[reference]) / elapsed:.2f}×", f"{flops / elapsed / 1e9:.1f}", difference,
         ])
     thousand_steps = 2 if quick else 50
-    thousand = [thousand_row(args.run, batch_size, thousand_steps) for batch_size in (64, 128, 0)]
+    thousand = [thousand_row(args.run, batch_size, thousand_steps, args.device)
+                for batch_size in ("64", "128", "auto", "0")]
 
     title = "quick check, not a measurement" if quick else "measured"
     print(f"## Sampling {num_images} guided digits ({title})\n")
-    print(f"{machine_line()}; guidance scale {GUIDANCE_SCALE}; {'trained run ' + args.run if args.run else 'untrained default model'}; "
+    print(f"{machine_line()}, {device_line(device)}; guidance scale {GUIDANCE_SCALE}; {'trained run ' + args.run if args.run else 'untrained default model'}; "
           f"median of {rounds} interleaved rounds (DDPM: one).\n")
     print(markdown_table(
         ["sampler", "model calls", "seconds", "img/s", f"speed vs first row", "GFLOP/s", "max |Δ| vs first row"], rows,
@@ -117,8 +135,10 @@ def diffusers_two_pass_ddim(pipe, model, labels, latents, steps) -> torch.Tensor
         prediction_type="epsilon", thresholding=False,
     )
     scheduler.set_timesteps(steps)
+    device = next(model.parameters()).device
+    labels = labels.to(device)
     null = torch.full_like(labels, model.num_classes)
-    x = latents.clone()
+    x = latents.to(device)
     with torch.no_grad():
         for t in scheduler.timesteps:
             t_batch = t.repeat(len(x))
@@ -130,6 +150,8 @@ def diffusers_two_pass_ddim(pipe, model, labels, latents, steps) -> torch.Tensor
 
 def minild_two_pass(pipe, model, labels, latents, steps) -> torch.Tensor:
     """minild's DDIM sampler driven by the same two-pass guidance."""
+    device = next(model.parameters()).device
+    labels, latents = labels.to(device), latents.to(device)
     cond, uncond = guided_model_fn(model, {"class_labels": labels}, {}, 1.0), guided_model_fn(
         model, {"class_labels": torch.full_like(labels, model.num_classes)}, {}, 1.0)
 
@@ -142,22 +164,24 @@ def minild_two_pass(pipe, model, labels, latents, steps) -> torch.Tensor:
     return ((x + 1) / 2).clamp(0, 1)
 
 
-def thousand_row(run: str | None, batch_size: int, steps: int) -> list:
+def thousand_row(run: str | None, batch_size: str, steps: int, device: str) -> list:
     """Run ``sample_thousand`` in a fresh interpreter, so its peak RSS is its own."""
-    command = [sys.executable, __file__, "--thousand", str(batch_size), "--steps", str(steps)]
+    command = [sys.executable, __file__, "--thousand", batch_size, "--steps", str(steps), "--device", device]
     if run:
         command += ["--run", run]
     result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-    return [batch_size or "None (one batch)", f"{result['seconds']:.1f}", f"{1000 / result['seconds']:.1f}",
+    name = {"0": "None (one batch)", "auto": f"\"auto\" ({result['chunk']})"}.get(batch_size, batch_size)
+    return [name, f"{result['seconds']:.1f}", f"{1000 / result['seconds']:.1f}",
             f"{result['peak_rss_mib']:.0f}", "yes" if result["peak_rss_mib"] * 2**20 < GIB else "**no**"]
 
 
-def sample_thousand(pipe, batch_size: int | None, steps: int) -> None:
+def sample_thousand(pipe, batch_size: int | str | None, steps: int, device: torch.device) -> None:
     labels = torch.arange(10).repeat(100)
+    chunk = resolve_batch_size(batch_size, len(labels), device, pipe.model.to(device), pipe.image_shape)
     start = time.perf_counter()
     pipe.generate(class_labels=labels, guidance_scale=GUIDANCE_SCALE, num_inference_steps=steps,
-                  sampler={"name": "ddim"}, seed=0, batch_size=batch_size)
-    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mib": peak_rss_mib()}))
+                  sampler={"name": "ddim"}, seed=0, batch_size=batch_size, device=str(device))
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mib": peak_rss_mib(), "chunk": chunk}))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import argparse
 import time
 
 import minild
-from _common import machine_line, markdown_table
+from _common import add_device_argument, device_line, machine_line, markdown_table
 from minild.config import StageSpec
 from minild.experiments import run_cfg_digits
 from minild.metrics import load_digit_classifier
@@ -25,10 +25,12 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=[1.5, 3.0], help="guidance scales")
     parser.add_argument("--per-class", type=int, default=50, help="digits per class and cell")
     parser.add_argument("--quick", action="store_true", help="2 digits per class, 2 step counts")
+    add_device_argument(parser)
     args = parser.parse_args()
     per_class, step_counts = (2, args.steps[:2]) if args.quick else (args.per_class, args.steps)
 
     pipe = minild.Pipeline.from_pretrained(args.run)
+    pipe.config.train.device = args.device  # generate() runs there
     classifier = load_digit_classifier()
     rows = []
     for name, steps in [("ddim", 50), *[("dpm_solver_pp", n) for n in step_counts]]:
@@ -42,7 +44,7 @@ def main() -> None:
 
     title = "quick check, not a measurement" if args.quick else "measured"
     print(f"## Few-step sampling quality ({title})\n")
-    print(f"{machine_line()}; run {args.run}; {10 * per_class} digits per cell, seed 0 (the same noise for "
+    print(f"{machine_line()}, {device_line(args.device)}; run {args.run}; {10 * per_class} digits per cell, seed 0 (the same noise for "
           "every sampler); digit-FID against the 500 held-out digits; seconds for all scales.\n")
     print(markdown_table(["sampler", "steps", "seconds", *[f"accuracy / FID at scale {s:g}" for s in args.scales]],
                          rows))

@@ -1,10 +1,11 @@
-"""Training speed on a CPU: images/s and achieved GFLOP/s of a training step of the default
+"""Training speed on a CPU (or on ``--device cuda``): images/s and achieved GFLOP/s of a training step of the default
 digit model (configs/digits_class_cfg.yaml) through ``Pipeline.train``, beside a hand-written
 loop of the same model (the pipeline's overhead), the seeds' Lab 2.6.1 recipe, and a large
 fp32 matmul (what the machine can do). Prints a Markdown table.
 
     python benchmarks/bench_train.py            # about 5 minutes
     python benchmarks/bench_train.py --quick    # a few seconds: checks that it runs
+    python benchmarks/bench_train.py --device cuda  # on a GPU, with train.compile and bf16 variants
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import torch.nn.functional as F
 
 import minild
 from _common import (
+    add_device_argument,
     count_parameters,
     default_config,
+    device_line,
     machine_line,
     markdown_table,
     matmul_gflops,
@@ -39,14 +42,18 @@ def main() -> None:
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--widths", type=int, nargs="*", default=[64],
                         help="also time the default recipe at these base_channels (wider convolutions run nearer the matmul rate)")
+    add_device_argument(parser)
     args = parser.parse_args()
+    device = args.device
     rounds, steps = (2, 3) if args.quick else (args.rounds, args.steps)
 
     dataset = load_dataset("digits", split="train")
     config = default_config()
+    config["train"]["device"] = device
     pipe = minild.Pipeline.from_config(config)
     num_classes = pipe.model.num_classes
     seed_config = seed_recipe_config(count_parameters(pipe.model))
+    seed_config["train"]["device"] = device
     seed_pipe = minild.Pipeline.from_config(seed_config)
     train = pipe.config.train
 
@@ -55,22 +62,29 @@ def main() -> None:
         "minild Pipeline.train": PipelineRun(pipe, dataset),
         "hand-written loop, same model": BareLoop(
             pipe.model, pipe.schedule, dataset, batch_size=train.batch_size, lr=train.lr,
-            p_uncond=train.p_uncond, num_classes=num_classes, ema_decay=0.999,
+            p_uncond=train.p_uncond, num_classes=num_classes, ema_decay=0.999, device=device,
         ),
         "seed recipe (Lab 2.6.1), hand-written": BareLoop(
             seed_pipe.model, seed_pipe.schedule, dataset, batch_size=seed_pipe.config.train.batch_size,
-            lr=seed_pipe.config.train.lr, p_uncond=0.0, num_classes=None, ema_decay=None,
+            lr=seed_pipe.config.train.lr, p_uncond=0.0, num_classes=None, ema_decay=None, device=device,
         ),
     }
-    conditional = set(same_model)
+    if torch.device(device).type == "cuda":  # the GPU-only levers (train.compile, bf16), on the same pipeline
+        variants["Pipeline.train, compile reduce-overhead"] = PipelineRun(pipe, dataset, compile="reduce-overhead")
+        variants["Pipeline.train, precision bf16"] = PipelineRun(pipe, dataset, precision="bf16")
+        variants["Pipeline.train, bf16 + compile reduce-overhead"] = PipelineRun(
+            pipe, dataset, precision="bf16", compile="reduce-overhead")
+        same_model += tuple(name for name in variants if name.startswith("Pipeline.train, "))
+    conditional = set(same_model) | {name for name in variants if name.startswith("Pipeline.train, ")}
     for width in args.widths:
         wide = default_config()
         wide["model"]["base_channels"] = width
+        wide["train"]["device"] = device
         wide_pipe = minild.Pipeline.from_config(wide)
         name = f"hand-written loop, base_channels {width}"
         variants[name] = BareLoop(
             wide_pipe.model, wide_pipe.schedule, dataset, batch_size=train.batch_size, lr=train.lr,
-            p_uncond=train.p_uncond, num_classes=num_classes, ema_decay=0.999,
+            p_uncond=train.p_uncond, num_classes=num_classes, ema_decay=0.999, device=device,
         )
         conditional.add(name)
     flops = {
@@ -85,7 +99,7 @@ def main() -> None:
     for _ in range(rounds):
         for name, run in variants.items():
             seconds[name].append(run(steps) / steps)
-        matmul.append(matmul_gflops(args.matmul_size, 1.0 if args.quick else 3.0))
+        matmul.append(matmul_gflops(args.matmul_size, 1.0 if args.quick else 3.0, device))
 
     matmul_rate = median(matmul)
     bare = median(seconds["hand-written loop, same model"])
@@ -100,7 +114,7 @@ def main() -> None:
         ])
     rows.append([f"fp32 matmul {args.matmul_size}²", "—", "—", "—", "—", f"{matmul_rate:.1f}", "100%", "—"])
     print(f"## Training step ({'quick check, not a measurement' if args.quick else 'measured'})\n")
-    print(f"{machine_line()}; median of {rounds} interleaved rounds of {steps} steps per variant.\n"
+    print(f"{machine_line()}, {device_line(device)}; median of {rounds} interleaved rounds of {steps} steps per variant.\n"
           f"Default model: {pipe.config.model.to_dict()}; seed recipe: base_channels "
           f"{seed_config['model']['base_channels']}, cosine schedule, batch 128, AdamW 3e-4, no EMA.\n")
     print(markdown_table(
@@ -108,6 +122,8 @@ def main() -> None:
     ))
     print(f"\nPeak RSS: {peak_rss_mib():.0f} MiB")
 
+    if torch.device(device).type != "cpu":
+        return  # the profile below counts CPU time per op: on an accelerator it would time the launches
     bare_loop = variants["hand-written loop, same model"]
     conv_flops = train_step_flops(bare_loop.model, bare_loop.batch_size, dataset.image_shape,
                                   num_classes=num_classes, only="convolution")
@@ -149,24 +165,25 @@ def profile_rows(run: "BareLoop", steps: int, conv_flops: int, matmul_rate: floa
 class PipelineRun:
     """``Pipeline.train`` for a number of steps (hooks of the config but the progress bar)."""
 
-    def __init__(self, pipe: minild.Pipeline, dataset):
-        self.pipe, self.dataset = pipe, dataset
+    def __init__(self, pipe: minild.Pipeline, dataset, **overrides):
+        self.pipe, self.dataset, self.overrides = pipe, dataset, overrides
         self.model, self.batch_size = pipe.model, pipe.config.train.batch_size
 
     def __call__(self, steps: int) -> float:
-        return self.pipe.train(self.dataset, max_steps=steps).seconds
+        return self.pipe.train(self.dataset, max_steps=steps, **self.overrides).seconds
 
 
 class BareLoop:
     """The training step written by hand, as a tutorial does: random batch, condition dropout,
     q(x_t | x_0), eps-MSE, AdamW (fused, as minild), gradient clipping at 1.0, optional EMA; channels_last."""
 
-    def __init__(self, model, schedule, dataset, *, batch_size, lr, p_uncond, num_classes, ema_decay):
-        self.model = copy.deepcopy(model).to(memory_format=torch.channels_last).train()
+    def __init__(self, model, schedule, dataset, *, batch_size, lr, p_uncond, num_classes, ema_decay, device="cpu"):
+        self.device = torch.device(device)
+        self.model = copy.deepcopy(model).to(self.device, memory_format=torch.channels_last).train()
         self.source_model = model
         self.batch_size, self.p_uncond, self.num_classes = batch_size, p_uncond, num_classes
-        self.images, self.labels = dataset.images, torch.as_tensor(dataset.labels)
-        self.alphas_cumprod = schedule.alphas_cumprod
+        self.images, self.labels = dataset.images.to(self.device), torch.as_tensor(dataset.labels).to(self.device)
+        self.alphas_cumprod = schedule.alphas_cumprod.to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, fused=True)  # as Pipeline.train
         self.ema_decay = ema_decay
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if ema_decay else None
@@ -175,13 +192,13 @@ class BareLoop:
         model, optimizer = self.model, self.optimizer
         start = time.perf_counter()
         for _ in range(steps):
-            index = torch.randint(0, len(self.images), (self.batch_size,))
+            index = torch.randint(0, len(self.images), (self.batch_size,), device=self.device)
             x0 = self.images[index].contiguous(memory_format=torch.channels_last)
             kwargs = {}
             if self.num_classes is not None:
-                drop = torch.rand(self.batch_size) < self.p_uncond
+                drop = torch.rand(self.batch_size, device=self.device) < self.p_uncond
                 kwargs["class_labels"] = torch.where(drop, self.num_classes, self.labels[index])
-            t = torch.randint(0, len(self.alphas_cumprod), (self.batch_size,))
+            t = torch.randint(0, len(self.alphas_cumprod), (self.batch_size,), device=self.device)
             noise = torch.randn_like(x0)
             alpha_prod = self.alphas_cumprod[t].view(-1, 1, 1, 1)
             x_t = alpha_prod.sqrt() * x0 + (1 - alpha_prod).sqrt() * noise

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from minild import plugins, runs
+from minild.config import plain_value
 from minild.errors import UnavailableError
 from minild.images import grid_conditions, sampling_caption, save_sample_grid
 
@@ -136,7 +137,10 @@ def _parser() -> argparse.ArgumentParser:
     sdxl.add_argument("--seeds", type=_int_list, default=[0], help="comma-separated seeds, e.g. 0,1,2")
     sdxl.add_argument("--scheduler", default="default",
                       help="default (the model's), ddim, ddpm, euler, euler_a, dpm++2m, dpm++2m_karras, unipc, "
-                           "or minild:<sampler> (e.g. minild:ddim)")
+                           "or minild:<sampler>[:key=value,...] (e.g. minild:dpm_solver_pp, minild:ddim:eta=1)")
+    sdxl.add_argument("--guidance-method", default="cfg",
+                      help="cfg, cfg_rescale[:phi=0.7] (diffusers' guidance_rescale) or "
+                           "cfg_interval[:sigma_low=0.28,sigma_high=5.42] (CFG only while sigma_t is in the interval)")
     sdxl.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's, 1024x1024 for SDXL)")
     sdxl.add_argument("--out", required=True, help="output folder")
     sdxl.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -197,20 +201,8 @@ def parse_guidance(text: str) -> dict:
         key, equals, value = (part.strip() for part in item.partition("="))
         if not key or not equals:
             raise ValueError(f"--guidance {text!r}: {item!r} is not KEY=VALUE; write e.g. {stage['name']}:scale=3")
-        stage[key] = _plain_value(value)
+        stage[key] = plain_value(value)
     return stage
-
-
-def _plain_value(text: str):
-    words = {"true": True, "false": False, "null": None, "none": None}
-    if text.lower() in words:
-        return words[text.lower()]
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _train(args) -> int:
@@ -366,8 +358,8 @@ def _lab_sdxl(args) -> int:
     prompts = args.prompt if args.prompt else read_prompts(args.prompts)
     results = run_sdxl_lab(
         args.model, prompts, negative_prompt=args.negative, guidance_scales=args.guidance,
-        num_inference_steps=args.steps, seeds=args.seeds, scheduler=args.scheduler, size=args.size,
-        out_dir=args.out, device=args.device, dtype=args.dtype, memory=args.memory, refiner=args.refiner,
+        num_inference_steps=args.steps, seeds=args.seeds, scheduler=args.scheduler,
+        guidance_method=args.guidance_method, size=args.size, out_dir=args.out, device=args.device, dtype=args.dtype, memory=args.memory, refiner=args.refiner,
         refiner_start=args.refiner_start, batch_size=args.batch_size, progress=True,
     )
     seconds = sum(image.seconds for image in results.images)

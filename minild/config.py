@@ -64,6 +64,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: typing.Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16: autocast; fp16: autocast + GradScaler, CUDA only
     channels_last: bool = True  # the model's memory format in training and in generate(): faster convolutions
+    # torch.compile of the model in training: off | default | reduce-overhead (CUDA graphs) | max-autotune
+    compile: typing.Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    # steps between loss read-backs when no hook takes the loss each step; None: 1 on CPU, 50 on GPUs
+    loss_readback_every: int | None = None
     hooks: list = field(default_factory=lambda: ["progress"])
 
 
@@ -304,3 +308,17 @@ def _describe(expected: Any) -> str:
     if typing.get_origin(expected) in (list, tuple, typing.Sequence) and items:
         return f"a list of {_describe(items[0])}"
     return getattr(expected, "__name__", str(expected))
+
+
+def plain_value(text: str) -> Any:
+    """A ``key=value`` option's value as written on a command line or in a scheduler name: an
+    int, a float, a bool (true/false), None (null/none), or else the string itself."""
+    words = {"true": True, "false": False, "null": None, "none": None}
+    if text.lower() in words:
+        return words[text.lower()]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

@@ -14,6 +14,7 @@ import torch
 from minild import plugins
 from minild.conditioning import wants_classes, wants_text
 from minild.config import StageSpec, parse_stage
+from minild.devices import resolve_batch_size
 from minild.guidance import check_scale, guided_model_fn
 from minild.train import resolve_device
 
@@ -167,9 +168,8 @@ def guidance_spec(config_guidance: StageSpec | None, guidance: Any, guidance_sca
 @torch.no_grad()
 def generate(pipe, num_images=None, *, class_labels=None, prompts=None, guidance=None, guidance_scale=None,
              num_inference_steps=None, sampler=None, generator=None, seed=None, latents=None, output_type="pt",
-             use_ema=True, device=None, callback=None, batch_size=64):
+             use_ema=True, device=None, callback=None, batch_size="auto"):
     """``Pipeline.generate`` (its docstring is the documentation)."""
-    batch_size = check_count("batch_size", batch_size)
     num_images = check_count("num_images", num_images)
     num_inference_steps = check_count("num_inference_steps", num_inference_steps)
     if output_type not in OUTPUT_TYPES:
@@ -217,7 +217,7 @@ def generate(pipe, num_images=None, *, class_labels=None, prompts=None, guidance
             "classifier-free guidance with a model trained without condition dropout (train.p_uncond = 0): "
             "its unconditional predictions are untrained", stacklevel=3,
         )
-    chunk_size = batch_size or num_images
+    chunk_size = resolve_batch_size(batch_size, num_images, run_device, model, pipe.image_shape)
     chunks = []
     # channels_last makes the convolutions faster on CPUs and GPUs (here 1.3× per forward on
     # a CPU); only float rounding changes. MPS does not take it, as in training.

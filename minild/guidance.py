@@ -89,8 +89,9 @@ def guided_model_fn(model, cond: dict[str, Any], uncond: dict[str, Any], guider)
     unconditional pass when ``guider.needs_cond(t)`` is False (its eps used as is), else both
     halves in one batched forward combined by ``guider(eps_cond, eps_uncond, t=t, x=x)``.
     With no conditioning (``cond`` empty) the model runs alone. A guider whose answers do not
-    depend on t (``uncond_depends_on_t`` False) is asked once per run; otherwise t is read
-    back from its device once per step (``t[0]``: the samplers give every sample the same t).
+    depend on t (``uncond_depends_on_t`` False) is asked once per run, at t = 0, without reading
+    t back (the sampling loop then waits on no device); otherwise t is read back from its device
+    once per step (``t[0]``: the samplers give every sample the same t).
     """
     if not cond:
         return lambda x, t: model(x, t)
@@ -100,10 +101,11 @@ def guided_model_fn(model, cond: dict[str, Any], uncond: dict[str, Any], guider)
     def passes(t: torch.Tensor) -> tuple[bool, bool]:
         if fixed:
             return fixed[0]
-        step = int(t[0])
+        depends_on_t = getattr(guider, "uncond_depends_on_t", True)
+        step = int(t[0]) if depends_on_t else 0  # the same answer at every t: no host sync
         needs_cond = getattr(guider, "needs_cond", None)  # optional in the contract
         answer = (needs_cond is None or bool(needs_cond(step)), bool(guider.needs_uncond(step)))
-        if not getattr(guider, "uncond_depends_on_t", True):
+        if not depends_on_t:
             fixed.append(answer)
         return answer
 

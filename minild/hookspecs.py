@@ -69,11 +69,28 @@ def register_samplers(register):
     - returns the final sample ``[B, C, H, W]`` in model space (images in [-1, 1]).
 
     Optionally, the step-wise interface that lets the sampler drive diffusers pipelines
-    (``minild.diffusers_adapter.MinildScheduler``, ``--scheduler minild:<name>``):
+    (``minild.diffusers_adapter.MinildScheduler``, ``--scheduler minild:<name>[:key=value,…]``):
 
-    - ``timesteps(num_inference_steps) -> list[int]``: the chain, noisiest first;
+    - ``timesteps(num_inference_steps) -> list[int]``: the chain, noisiest first (Python ints);
+      each call starts a new chain;
     - ``step(eps, t, x, *, t_prev, generator=None) -> (x_prev, x0_pred)``: one update from
-      ``x`` at timestep ``t`` to ``t_prev`` (None after the last timestep), all ``[B, C, H, W]``.
+      the state ``x`` at timestep ``t`` to ``t_prev`` (None after the last timestep), all
+      ``[B, C, H, W]``; ``t``/``t_prev`` are Python ints, so a step needs no host sync. Random
+      draws go through ``generator`` at each step (diffusers passes the pipeline's generator,
+      or list of generators, to every step). A multistep sampler may keep state between the
+      steps of one chain;
+    - optionally ``state_scale(t) -> float`` (or a 0-dim tensor) for a sampler whose state is
+      not x_t itself: its state at t is ``state_scale(t) · x_t`` (σ-space samplers such as
+      Euler: √(σ_t² + 1)). The driver then starts from ``state_scale(first t) · x_T``
+      (diffusers' ``init_noise_sigma``), shows the model ``x / state_scale(t)``
+      (``scale_model_input``) and noises images into that scale (``add_noise``). Without it
+      the state is x_t.
+
+    The adapter reads the pipeline's scheduler config into the sampler's options of the same
+    meaning when it has them: ``steps_offset``, ``timestep_spacing``, ``final_alpha_cumprod``
+    (from ``set_alpha_to_one``), ``clip_sample`` ("clip"/"none"), ``clip_sample_range`` and
+    ``variance_type``. A sampler without ``steps_offset`` or ``timestep_spacing`` is refused
+    for configs that set them away from 0 and "leading".
     """
 
 
@@ -100,8 +117,9 @@ def register_guidances(register):
     - optionally ``needs_cond(t: int) -> bool`` (default True): False runs only the
       unconditional pass and uses its eps as is (CFG at scale 0);
     - optionally ``uncond_depends_on_t: bool`` (default True): False promises that both
-      answers are the same at every t, so the pipeline asks once per run; otherwise it reads t
-      back from the device once per step (a host sync on an accelerator);
+      answers are the same at every t, so the pipeline asks once per run (at t = 0, without
+      reading t back); otherwise it reads t back from the device once per step (a host sync on
+      an accelerator);
     - ``__call__(eps_cond, eps_uncond, *, t, x) -> eps``, called when both passes ran: ``eps_cond``,
       ``eps_uncond`` and ``x`` (the noisy x_t) are ``[B, C, H, W]``, ``t`` a ``[B]`` int64 tensor
       on their device; returns the eps the sampler uses, ``[B, C, H, W]`` in their dtype and on
@@ -203,6 +221,14 @@ def minild_train_step_end(trainer, step, loss, lr, batch_size):
     processes); ``lr``: learning rate used; ``batch_size``: images in it (all passes,
     all processes). Not called for a step whose loss is NaN or inf: that step is not
     taken and training stops.
+
+    Reading the loss back is a host sync, which on a GPU stalls the queue of kernels every
+    step. So only an implementation that names ``loss`` among its arguments makes the
+    trainer read it every step. When none does, the losses stay on the device and are
+    read back into ``trainer.losses`` every ``train.loss_readback_every`` steps (default 1
+    on a CPU, 50 on GPUs), at each epoch's end and before each checkpoint; ``loss`` is
+    then None. A non-finite loss is then noticed at the read-back and stops training
+    there (the steps in between were taken; a checkpoint is never written after it).
     """
 
 

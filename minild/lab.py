@@ -16,7 +16,8 @@ from diffusers.utils import deprecation_utils
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
-from minild.diffusers_adapter import make_scheduler
+from minild.diffusers_adapter import check_scheduler_name, make_scheduler
+from minild.lab_guidance import applied, parse_guidance_method
 
 # diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns).
 _DTYPE_KEYWORD = "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
@@ -191,6 +192,7 @@ def run_sdxl_lab(
     num_inference_steps: int = 30,
     seeds: Sequence[int] = (0,),
     scheduler: str = "default",
+    guidance_method: str = "cfg",
     size: str | Sequence[int] | None = None,
     out_dir: str | Path | None = None,
     device: str = "auto",
@@ -207,13 +209,18 @@ def run_sdxl_lab(
     ``guidance_scales`` use diffusers' convention (1.0 = no guidance). Each image has its own
     CPU generator seeded with its seed, so an image is the same whatever batch it is drawn in.
     ``scheduler``: ``"default"`` (the model's own), a diffusers name (``ddim``, ``euler``,
-    ``dpm++2m``, …) or ``minild:<sampler>``. With ``refiner``, the base model denoises until
+    ``dpm++2m``, …) or ``minild:<sampler>``, optionally with the sampler's options
+    (``minild:ddim:eta=1``). ``guidance_method``: ``"cfg"``, ``"cfg_rescale[:phi=0.7]"`` (diffusers'
+    ``guidance_rescale``) or ``"cfg_interval[:sigma_low=0.28,sigma_high=5.42]"`` (CFG only while σ_t
+    lies in that interval; see ``minild.lab_guidance``). With ``refiner``, the base model denoises until
     ``refiner_start`` of the schedule and the refiner finishes. With ``out_dir``, writes the PNGs,
     contact sheets, ``results.json`` and ``index.html`` there. Pass a loaded ``pipe`` (``load_sdxl``) to
     reuse it; it keeps its own device, dtype, memory options and scheduler.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     _check_run_arguments(prompts, guidance_scales, num_inference_steps, seeds, batch_size, refiner_start)
+    check_scheduler_name(scheduler)
+    parse_guidance_method(guidance_method)
     if pipe is None:
         pipe = load_sdxl(model, device=device, dtype=dtype, memory=memory)
     refiner_pipe = None
@@ -234,7 +241,9 @@ def run_sdxl_lab(
             if scheduler != "default":
                 p.scheduler = make_scheduler(scheduler, p.scheduler.config)
         scheduler_class = type(pipe.scheduler).__name__
-        images = _generate_all(pipe, refiner_pipe, base, prompts, guidance_scales, seeds, batch_size, refiner_start)
+        with applied(pipes, guidance_method) as extra:
+            images = _generate_all(pipe, refiner_pipe, base, prompts, guidance_scales, seeds, batch_size,
+                                   refiner_start, extra)
     finally:
         for p, own in zip(pipes, own_schedulers):
             p.scheduler = own
@@ -242,6 +251,7 @@ def run_sdxl_lab(
              for i, prompt in enumerate(prompts)}
     settings = {
         "model": str(model), "refiner": base.refiner, "scheduler": scheduler, "scheduler_class": scheduler_class,
+        "guidance_method": guidance_method,
         "device": str(pipe.device), "dtype": str(pipe.dtype), "prompts": prompts, "negative_prompt": negative_prompt,
         "guidance_scales": [float(g) for g in guidance_scales], "seeds": list(seeds),
         "num_inference_steps": num_inference_steps, "width": width, "height": height, "memory": list(memory),
@@ -252,7 +262,8 @@ def run_sdxl_lab(
     return results
 
 
-def _generate_all(pipe, refiner_pipe, base: LabImage, prompts, guidance_scales, seeds, batch_size, refiner_start):
+def _generate_all(pipe, refiner_pipe, base: LabImage, prompts, guidance_scales, seeds, batch_size, refiner_start,
+                  extra):
     """Every prompt × guidance scale × seed, ``batch_size`` seeds per pipeline call."""
     images: list[LabImage] = []
     for prompt_index, prompt in enumerate(prompts):
@@ -263,7 +274,7 @@ def _generate_all(pipe, refiner_pipe, base: LabImage, prompts, guidance_scales, 
                 pil_images = _generate(
                     pipe, refiner_pipe, prompt, base.negative_prompt, batch_seeds, guidance_scale=guidance_scale,
                     num_inference_steps=base.num_inference_steps, width=base.width, height=base.height,
-                    refiner_start=refiner_start,
+                    refiner_start=refiner_start, extra=extra,
                 )
                 seconds = round((time.perf_counter() - began) / len(batch_seeds), 3)
                 images += [
@@ -301,14 +312,14 @@ def _load_refiner(refiner, pipe, *, device, dtype, memory):
 
 @torch.no_grad()
 def _generate(pipe, refiner_pipe, prompt, negative_prompt, seeds, *, guidance_scale, num_inference_steps,
-              width, height, refiner_start) -> list[Image.Image]:
+              width, height, refiner_start, extra) -> list[Image.Image]:
     def generators():
         return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
     common = dict(
         prompt=[prompt] * len(seeds),
         negative_prompt=None if negative_prompt is None else [negative_prompt] * len(seeds),
-        guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, **extra,
     )
     if refiner_pipe is None:
         return pipe(**common, width=width, height=height, generator=generators()).images

@@ -7,7 +7,6 @@ the run and called through the ``minild_*`` hooks of ``minild.hookspecs``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import typing
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from minild import checkpoint, plugins, runs
 from minild.conditioning import TrainingConditioner, wants_classes
@@ -26,6 +24,7 @@ from minild.config import TrainConfig, parse_stage
 from minild.distributed import Processes, resolve_device
 from minild.interrupts import is_interrupt, stop_on_signals
 from minild.io import check_writable_dir
+from minild.train_step import TrainStep, compile_model, loss_readback_interval
 
 if TYPE_CHECKING:
     from minild.pipeline import Pipeline
@@ -104,6 +103,7 @@ class Trainer:
         self._checkpoint: Path | None = None
         self._checkpointed_step: int | None = None
         self._state_written = False
+        self._pending_losses: list[torch.Tensor] = []  # 0-dim device tensors not yet read back
         if self.run_dir is not None:
             self._claim_run_dir(overwrite)
 
@@ -125,6 +125,9 @@ class Trainer:
             return None
         if self.run_dir is None:
             raise ValueError("cannot save a checkpoint: the trainer has no run_dir")
+        self.read_back_losses()
+        if self._stop_reason is not None and self._stop_reason.startswith("non-finite loss"):
+            return None
         path = checkpoint.save_checkpoint(self)
         self._checkpoint, self._checkpointed_step = path, self.step
         plugins.get_plugin_manager().hook.minild_checkpoint_saved(trainer=self, path=path, step=self.step)
@@ -208,7 +211,7 @@ class Trainer:
                                  reason=self._stop_reason, trained_seconds=self.trained_seconds)
         self._state_written = True
 
-    def _prepare(self, dataset) -> tuple["BatchSource", "_TrainStep"]:
+    def _prepare(self, dataset) -> tuple["BatchSource", TrainStep]:
         """Put the model on the device, seed the generator, size the run and its LR schedule."""
         config = self.config
         channels_last = config.channels_last and self.device.type != "mps"
@@ -235,7 +238,7 @@ class Trainer:
             self.model, self.pipeline.text_encoder, getattr(dataset, "class_names", None),
             self.pipeline.config.data.prompt_templates, config.p_uncond, self.device,
         )
-        return batches, _TrainStep(self, train_model, conditioner, memory_format)
+        return batches, TrainStep(self, compile_model(train_model, config.compile), conditioner, memory_format)
 
     def _resume(self) -> checkpoint.Checkpoint:
         resumed = checkpoint.load_latest(self.resume)
@@ -247,16 +250,20 @@ class Trainer:
         self._checkpointed_step = resumed.step
         return resumed
 
-    def _train(self, batches: "BatchSource", train_step: "_TrainStep", pm) -> None:
+    def _train(self, batches: "BatchSource", train_step: TrainStep, pm) -> None:
         accumulation = self.config.grad_accumulation_steps
+        # Hooks that name ``loss`` get a float every step (one host sync per step on a GPU); else
+        # losses stay on the device and are read back every ``readback`` steps (minild.train_step).
+        hooks_need_loss = any("loss" in impl.argnames for impl in pm.hook.minild_train_step_end.get_hookimpls())
+        readback = 1 if hooks_need_loss else loss_readback_interval(self.config, self.device)
         self._check_budget()
         while self._stop_reason is None:
             if self.data_order is None:
                 self.data_order = batches.shuffle()
             for micro_batches in batches.steps(self.data_order, self.batches_done, accumulation, self.steps_per_epoch):
                 lr = self.optimizer.param_groups[0]["lr"]
-                loss = train_step(micro_batches)
-                if not math.isfinite(loss):
+                loss = train_step(micro_batches, read_loss=readback == 1)
+                if readback == 1 and not math.isfinite(loss):
                     self.request_stop(
                         f"non-finite loss ({loss}) at step {self.step + 1}: that step was not taken, "
                         f"the weights are those after step {self.step}"
@@ -264,10 +271,16 @@ class Trainer:
                     break
                 self.step += 1
                 self.batches_done += accumulation
-                self.losses.append(loss)
-                self.epoch_loss_sum += loss
+                if readback == 1:
+                    self.losses.append(loss)
+                    self.epoch_loss_sum += loss
+                else:
+                    self._pending_losses.append(loss)
+                    if len(self._pending_losses) >= readback:
+                        self.read_back_losses()
                 pm.hook.minild_train_step_end(
-                    trainer=self, step=self.step, loss=loss, lr=lr, batch_size=batches.batch_size * accumulation,
+                    trainer=self, step=self.step, loss=loss if readback == 1 else None, lr=lr,
+                    batch_size=batches.batch_size * accumulation,
                 )
                 if not self._state_written:  # after a first step: every process has accepted the run dir
                     self._write_run_state("running")
@@ -277,8 +290,30 @@ class Trainer:
             else:
                 self._end_epoch(pm)
                 self._check_budget()
+        self.read_back_losses()
+
+    def read_back_losses(self) -> None:
+        """Move the losses still on the device into ``losses`` (one host sync); a non-finite one
+        stops the run. Called every ``readback`` steps, at the end of an epoch, before a
+        checkpoint and at the end of training."""
+        if not self._pending_losses:
+            return
+        values = torch.stack(self._pending_losses).tolist()
+        first_step = self.step - len(values) + 1
+        self._pending_losses = []
+        for offset, value in enumerate(values):
+            if not math.isfinite(value):
+                self.request_stop(
+                    f"non-finite loss ({value}) at step {first_step + offset}, read back at step {self.step} "
+                    f"(train.loss_readback_every): the weights are those after step {self.step}; the last "
+                    "checkpoint predates it"
+                )
+                break
+            self.losses.append(value)
+            self.epoch_loss_sum += value
 
     def _end_epoch(self, pm) -> None:
+        self.read_back_losses()
         mean_loss = self.epoch_loss_sum / max(self.batches_done // self.config.grad_accumulation_steps, 1)
         self.epoch += 1
         self.epoch_losses.append(mean_loss)
@@ -294,58 +329,6 @@ class Trainer:
         elif config.max_minutes is not None and self.trained_seconds >= 60 * config.max_minutes:
             self.request_stop("max_minutes")
         self._stop_reason = self.processes.agree_on_stop(self._stop_reason)
-
-
-class _TrainStep:
-    """One optimizer step over ``grad_accumulation_steps`` forward-pass batches (the hot path:
-    one host sync, the loss's ``.item()``)."""
-
-    def __init__(self, trainer: Trainer, train_model, conditioner, memory_format):
-        self.trainer, self.model, self.conditioner = trainer, train_model, conditioner
-        self.memory_format = memory_format
-        precision = trainer.config.precision
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.autocast = (lambda: torch.autocast(trainer.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
-
-    def __call__(self, micro_batches) -> float:
-        """The step's mean loss; a NaN or inf loss leaves the weights untouched."""
-        trainer = self.trainer
-        schedule, generator, optimizer, scaler = trainer.schedule, trainer.generator, trainer.optimizer, trainer.scaler
-        processes, device = trainer.processes, trainer.device
-        accumulation = len(micro_batches)
-        optimizer.zero_grad(set_to_none=True)
-        total = None
-        for index, (x0, labels) in enumerate(micro_batches):
-            # Every process draws for the whole batch, then trains on its shard of it.
-            conditioning = self.conditioner(labels, generator)
-            # Algorithm 1 of DDPM: t ~ U{0, T−1}, ε ~ N(0, I),
-            # minimise ‖ε − ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t)‖².
-            t = torch.randint(0, schedule.num_timesteps, (len(x0),), generator=generator, device=device)
-            noise = torch.randn(x0.shape, generator=generator, device=device)
-            shard = processes.shard(len(x0))
-            x0 = x0[shard].contiguous(memory_format=self.memory_format)
-            x_t = schedule.add_noise(x0, noise[shard], t[shard])
-            with self.autocast():
-                eps = self.model(x_t, t[shard], **{key: value[shard] for key, value in conditioning.items()})
-            loss = F.mse_loss(eps.float(), noise[shard]) / accumulation
-            with processes.no_sync(self.model, last=index == accumulation - 1):
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-            total = loss.detach() if total is None else total + loss.detach()
-        loss_value = processes.mean(total).item()
-        if not math.isfinite(loss_value):
-            optimizer.zero_grad(set_to_none=True)
-            return loss_value
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if trainer.config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.config.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        trainer.scheduler.step()
-        return loss_value
 
 
 def lr_factor(config: TrainConfig, total_steps: int | None) -> Callable[[int], float]:
@@ -381,7 +364,7 @@ def _total_steps(config: TrainConfig, steps_per_epoch: int) -> int | None:
 def validate_train_config(config: TrainConfig) -> None:
     """Reject values the config's types cannot (ranges, and choices given as ``train()`` overrides)."""
     hints = typing.get_type_hints(TrainConfig)
-    for key in ("lr_schedule", "precision"):
+    for key in ("lr_schedule", "precision", "compile"):
         choices = typing.get_args(hints[key])
         if getattr(config, key) not in choices:
             options = ", ".join(map(repr, choices))
@@ -397,6 +380,8 @@ def validate_train_config(config: TrainConfig) -> None:
         "epochs": (config.epochs is None or config.epochs >= 1, "at least 1 or null"),
         "max_minutes": (config.max_minutes is None or config.max_minutes > 0, "positive or null"),
         "p_uncond": (0.0 <= config.p_uncond <= 1.0, "in [0, 1]"),
+        "loss_readback_every": (config.loss_readback_every is None or config.loss_readback_every >= 1,
+                                "at least 1 or null"),
     }
     for key, (ok, expected) in checks.items():
         if not ok:

@@ -17,7 +17,7 @@ SCRIPTS = ROOT / "benchmarks"
 
 def run_script(name: str, *args: str) -> str:
     result = subprocess.run(
-        [sys.executable, str(SCRIPTS / name), "--quick", *args],
+        [sys.executable, str(SCRIPTS / name), "--quick", "--device", "cpu", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -55,7 +55,7 @@ def test_bench_sample_compares_the_samplers_and_measures_a_thousand_digits():
     assert "diffusers DDIMScheduler, two passes, 5 steps" in rows
     assert float(rows["minild DDIM, one batched pass, 5 steps"][-1]) < 1e-4  # the same images as diffusers' loop
     thousand = table_rows(output, "| generate(batch_size=…) |")
-    assert [row[0] for row in thousand] == ["64", "128", "None (one batch)"]
+    assert [row[0] for row in thousand] == ["64", "128", '"auto" (64)', "None (one batch)"]
     assert all(float(row[3]) > 0 for row in thousand)
 
 

@@ -1,12 +1,19 @@
-"""minild samplers as diffusers schedulers: minild:ddim ≡ DDIMScheduler inside a tiny SDXL pipeline."""
+"""minild samplers as diffusers schedulers: minild:ddpm, minild:ddim and minild:dpm_solver_pp ≡ their diffusers
+counterparts inside a tiny SDXL pipeline; scheduler names with options."""
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+)
 
 import minild
-from minild.diffusers_adapter import MinildScheduler, make_scheduler, scheduler_names
+from minild.diffusers_adapter import MinildScheduler, make_scheduler, parse_scheduler_name, scheduler_names
 from minild.tiny_sdxl import SDXL_BASE_SCHEDULER_CONFIG
 
 
@@ -24,9 +31,9 @@ def sdxl_config():
     return EulerDiscreteScheduler.from_config(SDXL_BASE_SCHEDULER_CONFIG).config
 
 
-def generate(pipe, scheduler, **kwargs):
+def generate(pipe, scheduler, seeds=(0, 1), **kwargs):
     pipe.scheduler = scheduler
-    generators = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     return pipe(["a red cube", "a blue ball"], num_inference_steps=3, guidance_scale=5.0, generator=generators,
                 output_type="np", **kwargs).images
 
@@ -46,6 +53,52 @@ def test_minild_ddim_with_eta_matches_diffusers_ddim_noise_draws(sdxl_pipe):
     deterministic = generate(sdxl_pipe, make_scheduler("minild:ddim", config))
     assert np.abs(ours - theirs).max() <= 1e-4
     assert np.abs(ours - deterministic).max() > 1e-3  # the noise really was drawn
+
+
+@pytest.mark.parametrize(
+    "name, counterpart", [("ddpm", DDPMScheduler), ("dpm_solver_pp", DPMSolverMultistepScheduler)]
+)
+def test_every_builtin_sampler_gives_the_same_sdxl_images_as_its_diffusers_counterpart(sdxl_pipe, name, counterpart):
+    config = sdxl_pipe.scheduler.config
+    theirs = generate(sdxl_pipe, counterpart.from_config(config))
+    ours = generate(sdxl_pipe, make_scheduler(f"minild:{name}", config))
+    assert theirs.std() > 0.01 and np.abs(ours - theirs).max() <= 1e-4
+
+
+def test_minild_ddpm_draws_its_noise_per_step_with_the_pipeline_generators(sdxl_pipe):
+    config = sdxl_pipe.scheduler.config
+    ours, other_seeds = (generate(sdxl_pipe, make_scheduler("minild:ddpm", config), seeds=seeds)
+                         for seeds in ((0, 1), (0, 2)))
+    assert np.abs(ours[0] - other_seeds[0]).max() == 0  # image 0 depends on its own generator only
+    assert np.abs(ours[1] - other_seeds[1]).max() > 1e-3
+
+
+@pytest.mark.parametrize("name, n", [("ddpm", 30), ("dpm_solver_pp", 30), ("dpm_solver_pp", 7)])
+def test_sdxl_chains_are_diffusers_chains(name, n):
+    counterpart = {"ddpm": DDPMScheduler, "dpm_solver_pp": DPMSolverMultistepScheduler}[name]
+    ours, theirs = make_scheduler(f"minild:{name}", sdxl_config()), counterpart.from_config(sdxl_config())
+    ours.set_timesteps(n)
+    theirs.set_timesteps(n)
+    assert torch.equal(ours.timesteps, theirs.timesteps)
+
+
+def test_scheduler_names_carry_sampler_options():
+    assert parse_scheduler_name("minild:ddim:eta=1,clip_sample=clip") == ("ddim", {"eta": 1, "clip_sample": "clip"})
+    assert parse_scheduler_name("minild:ddim:eta=0.5, steps_offset=2 ,x=true") == (
+        "ddim", {"eta": 0.5, "steps_offset": 2, "x": True})
+    assert parse_scheduler_name("minild:dpm_solver_pp") == ("dpm_solver_pp", {})
+    scheduler = make_scheduler("minild:ddim:eta=1", sdxl_config())
+    assert scheduler.sampler.eta == 1.0 and scheduler.config.sampler_params == {"eta": 1}
+    scheduler = make_scheduler("minild:dpm_solver_pp:final_sigmas_type=sigma_min", sdxl_config())
+    assert scheduler.sampler.final_sigmas_type == "sigma_min" and scheduler.sampler.steps_offset == 1
+
+
+def test_unknown_sampler_options_are_one_line_errors_naming_the_accepted_ones():
+    with pytest.raises(ValueError, match="'ddim' has no option 'etaa'; its options: eta, clip_sample") as error:
+        make_scheduler("minild:ddim:etaa=1", sdxl_config())
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="must be key=value"):
+        make_scheduler("minild:ddim:eta", sdxl_config())
 
 
 def test_adapter_reads_sdxl_scheduler_config():
@@ -100,15 +153,50 @@ def test_unsupported_scheduler_configs_are_refused(change, message):
         make_scheduler("minild:ddim", {**SDXL_BASE_SCHEDULER_CONFIG, **change})
 
 
-def test_sampler_without_an_option_the_config_needs_is_refused():
-    with pytest.raises(ValueError, match="'ddpm' has no 'steps_offset'"):
-        make_scheduler("minild:ddpm", sdxl_config())
+class NoOffsetSampler:
+    """A step-wise sampler without a steps_offset option."""
+
+    def __init__(self, schedule, *, eta: float = 0.0):
+        self.inner = minild.create("sampler", "ddim", schedule, eta=eta)
+
+    def timesteps(self, num_inference_steps):
+        return self.inner.timesteps(num_inference_steps)
+
+    def step(self, eps, t, x, *, t_prev, generator=None):
+        return self.inner.step(eps, t, x, t_prev=t_prev, generator=generator)
 
 
-def test_sampler_without_a_step_interface_is_refused():
-    config = {**SDXL_BASE_SCHEDULER_CONFIG, "steps_offset": 0, "set_alpha_to_one": True}
+class WholeLoopSampler:
+    def __init__(self, schedule):
+        self.schedule = schedule
+
+    def sample(self, model_fn, shape, **kwargs):
+        return torch.zeros(shape)
+
+
+@pytest.fixture
+def test_samplers():
+    class Plugin:
+        @minild.hookimpl
+        def register_samplers(self, register):
+            register("test_no_offset", NoOffsetSampler)
+            register("test_whole_loop", WholeLoopSampler)
+
+    name = minild.register_plugin(Plugin(), name="test-adapter-samplers")
+    yield
+    minild.unregister_plugin(name)
+
+
+def test_sampler_without_an_option_the_config_needs_is_refused(test_samplers):
+    with pytest.raises(ValueError, match="'test_no_offset' has no 'steps_offset'"):
+        make_scheduler("minild:test_no_offset", sdxl_config())
+    config = {**SDXL_BASE_SCHEDULER_CONFIG, "steps_offset": 0}  # set_alpha_to_one=False is not needed
+    assert make_scheduler("minild:test_no_offset", config).sampler.inner.steps_offset == 0
+
+
+def test_sampler_without_a_step_interface_is_refused(test_samplers):
     with pytest.raises(ValueError, match="no timesteps\\(\\) method"):
-        make_scheduler("minild:ddpm", config)
+        make_scheduler("minild:test_whole_loop", sdxl_config())
 
 
 @pytest.mark.parametrize("name", ["ddim", "euler", "dpm++2m", "dpm++2m_karras"])

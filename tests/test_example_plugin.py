@@ -101,3 +101,34 @@ def test_example_package_passes_its_own_tests_against_the_installed_copy(example
         cwd=source, env=env, capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+def test_installed_euler_ancestral_drives_the_sdxl_pipeline_like_diffusers(installed_euler, tiny_sdxl_dir, one_thread):
+    """A third-party sampler reaches the prompt lab with no change to minild: its step-wise interface
+    and its ``state_scale`` (σ-space state) give diffusers' EulerAncestralDiscreteScheduler's images."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+
+    from minild.diffusers_adapter import make_scheduler, scheduler_names
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    config = pipe.scheduler.config
+
+    def images(scheduler):
+        pipe.scheduler = scheduler
+        generators = [torch.Generator().manual_seed(seed) for seed in (0, 1)]
+        return pipe(["a red cube", "a blue ball"], num_inference_steps=3, guidance_scale=5.0,
+                    generator=generators, output_type="pt").images
+
+    assert "minild:euler_ancestral" in scheduler_names()
+    ours = make_scheduler("minild:euler_ancestral", config)
+    theirs = EulerAncestralDiscreteScheduler.from_config(config)
+    ours.set_timesteps(3)
+    theirs.set_timesteps(3)
+    torch.testing.assert_close(torch.as_tensor(ours.init_noise_sigma), torch.as_tensor(theirs.init_noise_sigma))
+    x0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), theirs.timesteps[:2].long()
+    torch.testing.assert_close(ours.add_noise(x0, noise, t), theirs.add_noise(x0, noise, t))
+    reference = images(EulerAncestralDiscreteScheduler.from_config(config))
+    assert (images(make_scheduler("minild:euler_ancestral", config)) - reference).abs().max() <= 1e-4
+    plain = images(make_scheduler("minild:euler_ancestral:eta=0", config))
+    assert (plain - reference).abs().max() > 1e-3  # eta=0 from the name: no ancestral noise

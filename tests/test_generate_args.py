@@ -160,5 +160,5 @@ def test_train_grid_uses_the_config_guidance_unless_a_scale_is_given(tmp_path, m
     args = ["train", str(config), "--out", str(tmp_path / "run"), "--max-steps", "1", "--grid", "2"]
     assert main(args) == 0
     assert seen[-1]["guidance_scale"] is None and seen[-1].get("guidance") is None  # the config's apg at 2.0
-    assert main([*args, "--guidance-scale", "4"]) == 0
+    assert main([*args, "--overwrite", "--guidance-scale", "4"]) == 0  # a finished run is not re-trained
     assert seen[-1]["guidance_scale"] == 4.0

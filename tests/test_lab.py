@@ -33,7 +33,7 @@ def lab_dir(tiny_sdxl_dir, tmp_path_factory):
         patch.setenv("HF_HUB_OFFLINE", "1")
         code = cli.main([
             "lab", "sdxl", "--model", str(tiny_sdxl_dir), "--prompts", str(prompts_file), "--negative", "blurry",
-            "--guidance", "1,5", "--steps", "2", "--seeds", "0,1,2", "--scheduler", "minild:ddim",
+            "--guidance", "1,5", "--steps", "2", "--seeds", "0,1,2", "--scheduler", "minild:ddim:eta=1",
             "--batch-size", "2", "--out", str(out),
         ])
     torch.set_num_threads(threads)
@@ -65,7 +65,7 @@ def test_png_text_metadata_holds_the_parameters(lab_dir):
     parameters = json.loads(text["parameters"])
     assert parameters == row
     assert (text["prompt"], text["seed"], text["guidance_scale"]) == (row["prompt"], "2", "5.0")
-    assert (text["num_inference_steps"], text["scheduler"], text["negative_prompt"]) == ("2", "minild:ddim", "blurry")
+    assert (text["num_inference_steps"], text["scheduler"], text["negative_prompt"]) == ("2", "minild:ddim:eta=1", "blurry")
 
 
 def test_results_json_lists_settings_grids_and_images(lab_dir):
@@ -201,12 +201,17 @@ def test_refiner_finishes_what_the_base_model_started(tiny_sdxl_dir, tiny_refine
     assert np.abs(np.asarray(plain.image, dtype=int) - np.asarray(refined.image, dtype=int)).max() > 0
 
 
-def test_minild_ddim_hands_over_to_the_refiner_like_diffusers_ddim(tiny_sdxl_dir, tiny_refiner_dir):
+@pytest.mark.parametrize("ours_name, theirs_name", [
+    ("minild:ddim", "ddim"), ("minild:ddpm", "ddpm"), ("minild:dpm_solver_pp", "dpm++2m"),
+])
+def test_minild_samplers_hand_over_to_the_refiner_like_their_diffusers_counterparts(
+    tiny_sdxl_dir, tiny_refiner_dir, ours_name, theirs_name
+):
     # The base stops half-way through the chain and the refiner starts there (set_begin_index).
     common = dict(seeds=[0, 1], guidance_scales=[5.0], num_inference_steps=4, refiner=tiny_refiner_dir,
                   refiner_start=0.5)
-    ours = run_sdxl_lab(tiny_sdxl_dir, "a cube", scheduler="minild:ddim", **common).images
-    theirs = run_sdxl_lab(tiny_sdxl_dir, "a cube", scheduler="ddim", **common).images
+    ours = run_sdxl_lab(tiny_sdxl_dir, "a cube", scheduler=ours_name, **common).images
+    theirs = run_sdxl_lab(tiny_sdxl_dir, "a cube", scheduler=theirs_name, **common).images
     for a, b in zip(ours, theirs):
         assert np.abs(np.asarray(a.image, dtype=int) - np.asarray(b.image, dtype=int)).max() <= 1
 
@@ -229,6 +234,14 @@ def test_cli_reports_a_missing_model_in_one_line(tmp_path, offline, capsys):
     assert code == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("minild: error: could not load the SDXL model") and "\n" not in error
+
+
+def test_cli_refuses_an_unknown_sampler_option_before_loading_in_one_line(tmp_path, capsys):
+    code = cli.main(["lab", "sdxl", "--model", str(tmp_path / "missing"), "--prompt", "x", "--out", str(tmp_path),
+                     "--scheduler", "minild:ddim:etaa=1"])
+    assert code == 2
+    error = capsys.readouterr().err.strip()
+    assert "minild sampler 'ddim' has no option 'etaa'; its options: eta, clip_sample" in error and "\n" not in error
 
 
 def test_a_folder_that_is_not_a_pipeline_is_refused(tmp_path):

@@ -213,7 +213,7 @@ def gaussian_data_eps(schedule, wiggle=0.05):
     return eps_model
 
 
-def diffusers_dpm_solver_pp(case, schedule, *, timestep_spacing="linspace", final_sigmas_type="zero"):
+def diffusers_dpm_solver_pp(case, schedule, *, timestep_spacing="linspace", final_sigmas_type="zero", steps_offset=0):
     return DPMSolverMultistepScheduler(
         num_train_timesteps=T,
         **diffusers_betas(case, schedule),
@@ -229,7 +229,7 @@ def diffusers_dpm_solver_pp(case, schedule, *, timestep_spacing="linspace", fina
         use_karras_sigmas=False,
         use_lu_lambdas=False,
         lambda_min_clipped=-float("inf"),
-        steps_offset=0,
+        steps_offset=steps_offset,
         rescale_betas_zero_snr=False,
     )
 
@@ -278,6 +278,20 @@ def test_dpm_solver_pp_timesteps_are_diffusers(timestep_spacing):
         scheduler.set_timesteps(n)
         assert sampler.timesteps(n) == scheduler.timesteps.tolist(), n
     assert sampler.timesteps(20)[0] == T - 1  # the chain starts where x_T ~ N(0, I) lives
+
+
+@pytest.mark.parametrize("steps_offset", [0, 1])
+def test_dpm_solver_pp_leading_spacing_with_steps_offset_matches_diffusers(steps_offset):
+    schedule = our_schedule("linear")
+    sampler = minild.create("sampler", "dpm_solver_pp", schedule, timestep_spacing="leading", steps_offset=steps_offset)
+    scheduler = diffusers_dpm_solver_pp("linear", schedule, timestep_spacing="leading", steps_offset=steps_offset)
+    for n in (1, 3, 10, 30, 500):
+        scheduler.set_timesteps(n)
+        assert sampler.timesteps(n) == scheduler.timesteps.tolist(), n
+    model_fn, latents = gaussian_data_eps(schedule), torch.randn(SHAPE, generator=seeded(2))
+    ours = sampler.sample(model_fn, SHAPE, num_inference_steps=12, latents=latents)
+    theirs = diffusers_deterministic_loop(scheduler, model_fn, 12, latents)
+    assert (ours - theirs).abs().max() <= TOLERANCE
 
 
 def test_dpm_solver_pp_in_20_steps_solves_the_probability_flow_ode():
@@ -393,7 +407,9 @@ def test_bad_num_inference_steps_raises(name, num_inference_steps):
         ("ddim", {"clip_sample_range": -1.0}),
         ("ddim", {"steps_offset": -1}),
         ("ddim", {"final_alpha_cumprod": True}),
-        ("dpm_solver_pp", {"timestep_spacing": "leading"}),
+        ("ddpm", {"steps_offset": -1}),
+        ("dpm_solver_pp", {"timestep_spacing": "karras"}),
+        ("dpm_solver_pp", {"steps_offset": 1.5}),
         ("dpm_solver_pp", {"final_sigmas_type": 0}),
     ],
 )

@@ -85,9 +85,27 @@ def initial_latents(
     return randn(shape, generator, torch.device(device or "cpu"), torch.float32)
 
 
+def run_chain(sampler, model_fn, x: torch.Tensor, timesteps: list[int], generator: GeneratorOrList, callback):
+    """The loop every step-wise sampler shares: ε from ``model_fn`` at each timestep, then
+    ``sampler.step`` to the next one (``t_prev=None`` after the last), ``callback`` after each."""
+    t_batches = torch.tensor(timesteps, device=x.device)[:, None].expand(-1, x.shape[0])  # [n, B]
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
+        eps = model_fn(x, t_batches[i])
+        x, x0_pred = sampler.step(eps, t, x, t_prev=t_prev, generator=generator)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "x0_pred": x0_pred})
+    return x
+
+
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_steps_offset(steps_offset: int) -> None:
+    if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
+        raise ValueError(f"steps_offset must be an integer >= 0, got {steps_offset!r}")
 
 
 def check_clip_sample_range(clip_sample_range: float) -> None:

@@ -17,7 +17,9 @@ from .common import (
     check_choice,
     check_default_steps,
     check_clip_sample_range,
+    check_steps_offset,
     initial_latents,
+    run_chain,
     leading_timesteps,
     randn,
 )
@@ -56,8 +58,7 @@ class DDIMSampler:
             raise ValueError(f"eta must be a number >= 0, got {eta!r}")
         check_choice("clip_sample", clip_sample, CLIP_SAMPLE)
         check_clip_sample_range(clip_sample_range)
-        if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
-            raise ValueError(f"steps_offset must be an integer >= 0, got {steps_offset!r}")
+        check_steps_offset(steps_offset)
         check_choice("final_alpha_cumprod", final_alpha_cumprod, FINAL_ALPHA_CUMPROD)
         check_default_steps(num_inference_steps, schedule.num_timesteps)
         self.num_inference_steps = num_inference_steps
@@ -94,14 +95,8 @@ class DDIMSampler:
             num_inference_steps = self.num_inference_steps or 50
         timesteps = self.timesteps(num_inference_steps)
         x = initial_latents(shape, generator, latents, device)
-        t_batches = torch.tensor([[t] * x.shape[0] for t in timesteps], device=x.device)  # [n, B]
-        for i, t in enumerate(timesteps):
-            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
-            eps = model_fn(x, t_batches[i])
-            x, x0_pred = self.step(eps, t, x, t_prev=t_prev, generator=generator)
-            if callback is not None:
-                callback({"i": i, "t": t, "x": x, "x0_pred": x0_pred})
-        return x
+        # Each step: ε = model_fn(x_t, t), then self.step to the next timestep (common.run_chain).
+        return run_chain(self, model_fn, x, timesteps, generator, callback)
 
     @torch.no_grad()
     def step(

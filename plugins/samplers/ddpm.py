@@ -1,6 +1,7 @@
 """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), optionally on a strided chain.
 
-Matches diffusers' ``DDPMScheduler`` (epsilon prediction, "leading" spacing) step for step.
+Matches diffusers' ``DDPMScheduler`` (epsilon prediction, "leading" spacing, its steps_offset) step for
+step. ``step`` is one update of the chain, for drivers that own the loop.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from .common import (
     check_choice,
     check_default_steps,
     check_clip_sample_range,
+    check_steps_offset,
     initial_latents,
+    run_chain,
     leading_timesteps,
     randn,
 )
@@ -31,6 +34,8 @@ class DDPMSampler:
       ``"fixed_large"`` σ_t² = β_t.
     - ``clip_sample``: ``"clip"`` clamps x̂0 to ±``clip_sample_range`` before the mean is taken
       (images live in [-1, 1]); ``"none"`` leaves it.
+    - ``steps_offset``: added to every timestep of the chain (diffusers' ``steps_offset``;
+      Stable Diffusion and SDXL use 1). The last step always ends on the clean sample (ᾱ = 1).
     - ``num_inference_steps``: the chain length ``sample`` walks when given None (None: all T steps).
     """
 
@@ -41,6 +46,7 @@ class DDPMSampler:
         variance_type: str = "fixed_small",
         clip_sample: str = "clip",
         clip_sample_range: float = 1.0,
+        steps_offset: int = 0,
         num_inference_steps: int | None = None,
     ):
         check_choice("variance_type", variance_type, VARIANCE_TYPES)
@@ -48,10 +54,16 @@ class DDPMSampler:
         self.num_inference_steps = num_inference_steps
         check_choice("clip_sample", clip_sample, CLIP_SAMPLE)
         check_clip_sample_range(clip_sample_range)
+        check_steps_offset(steps_offset)
         self.schedule = schedule
         self.variance_type = variance_type
         self.clip_sample = clip_sample
         self.clip_sample_range = clip_sample_range
+        self.steps_offset = steps_offset
+
+    def timesteps(self, num_inference_steps: int) -> list[int]:
+        """The chain's timesteps, noisiest first: T//n·(n−1), …, T//n, 0, each plus ``steps_offset``."""
+        return leading_timesteps(self.schedule.num_timesteps, num_inference_steps, self.steps_offset)
 
     @torch.no_grad()
     def sample(
@@ -67,50 +79,55 @@ class DDPMSampler:
     ) -> torch.Tensor:
         """Denoise x_T of ``shape`` (B, C, H, W) into x_0 with ``model_fn(x, t) -> eps``.
 
-        ``num_inference_steps`` (default: the sampler's, else every one of the T training steps) walks the
-        timesteps T//n·(n−1), …, T//n, 0, each step jumping to the next one. Without
+        ``num_inference_steps`` (default: the sampler's, else every one of the T training steps)
+        walks ``self.timesteps(num_inference_steps)``, each step jumping to the next one. Without
         ``latents``, x_T is drawn with ``generator`` on ``device`` (default CPU), in float32.
         """
-        num_timesteps = self.schedule.num_timesteps
         if num_inference_steps is None:
-            num_inference_steps = self.num_inference_steps or num_timesteps
-        timesteps = leading_timesteps(num_timesteps, num_inference_steps)
+            num_inference_steps = self.num_inference_steps or self.schedule.num_timesteps
+        timesteps = self.timesteps(num_inference_steps)
         x = initial_latents(shape, generator, latents, device)
-        batch_size = x.shape[0]
+        # Each step: ε = model_fn(x_t, t), then self.step to the next timestep (common.run_chain).
+        return run_chain(self, model_fn, x, timesteps, generator, callback)
 
-        # Legend, one entry per step of the chain t → t_prev (t_prev is the next timestep, −1 after 0):
-        #   ᾱ_t = alpha_prod_t, ᾱ_prev = alpha_prod_prev (1 past the end),
-        #   α_t = ᾱ_t/ᾱ_prev and β_t = 1 − α_t of this (possibly strided) step,
-        #   x̂0 = x0_pred, ε = eps, σ_t = std_dev.
+    @torch.no_grad()
+    def step(
+        self,
+        eps: torch.Tensor,
+        t: int,
+        x: torch.Tensor,
+        *,
+        t_prev: int | None,
+        generator: GeneratorOrList = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One ancestral step x_t → x_{t_prev} given the model's ``eps`` at (x_t, t).
+
+        ``t_prev=None`` is the last step, onto ᾱ = 1. Noise is drawn with ``generator`` whenever
+        t > 0 (as diffusers does, even where σ_t is 0). Returns ``(x_prev, x0_pred)``.
+        """
+        # Legend for the step t → t_prev: ᾱ_t = alpha_prod_t, ᾱ_prev = alpha_prod_prev (1 past the end),
+        #   α_t = ᾱ_t/ᾱ_prev and β_t = 1 − α_t of this (possibly strided) step, x̂0 = x0_pred, ε = eps.
         # α_t is taken from the ᾱ ratio, not the stored β_t, as diffusers does: bit-exact parity.
+        # The coefficients are 0-dim CPU tensors, applied to x on any device as scalars (no host sync).
         alphas_cumprod = self.schedule.alphas_cumprod
-        alpha_prod_t = alphas_cumprod[timesteps]  # [n]
-        alpha_prod_prev = torch.cat([alphas_cumprod[timesteps[1:]], torch.ones(1)])  # [n]
+        alpha_prod_t = alphas_cumprod[t]
+        alpha_prod_prev = alphas_cumprod[t_prev] if t_prev is not None else torch.tensor(1.0)
         beta_prod_t, beta_prod_prev = 1 - alpha_prod_t, 1 - alpha_prod_prev
         current_alpha_t = alpha_prod_t / alpha_prod_prev
         current_beta_t = 1 - current_alpha_t
-        # Posterior mean μ̃_t = x0_coeff · x̂0 + xt_coeff · x_t   (DDPM eq. 7)
+
+        x0_pred = (x - beta_prod_t.sqrt() * eps) / alpha_prod_t.sqrt()  # DDPM eq. 15
+        if self.clip_sample == "clip":
+            x0_pred = x0_pred.clamp(-self.clip_sample_range, self.clip_sample_range)
+        # Posterior mean μ̃_t = x0_coeff · x̂0 + xt_coeff · x_t (DDPM eq. 7); through x̂0 it equals
+        # DDPM eq. 11, 1/√α_t (x_t − β_t/√(1−ᾱ_t) ε), when x̂0 is unclipped.
         x0_coeff = alpha_prod_prev.sqrt() * current_beta_t / beta_prod_t
         xt_coeff = current_alpha_t.sqrt() * beta_prod_prev / beta_prod_t
-        if self.variance_type == "fixed_small":
-            variance = beta_prod_prev / beta_prod_t * current_beta_t  # β̃_t   (DDPM eq. 7)
-        else:
-            variance = current_beta_t  # β_t
-        coefficients = (alpha_prod_t.sqrt(), beta_prod_t.sqrt(), x0_coeff, xt_coeff, variance.sqrt())
-        sqrt_alpha_prod_t, sqrt_beta_prod_t, x0_coeff, xt_coeff, std_dev = (
-            c.to(device=x.device, dtype=x.dtype) for c in coefficients
-        )
-        t_batches = torch.tensor([[t] * batch_size for t in timesteps], device=x.device)  # [n, B]
-
-        for i, t in enumerate(timesteps):
-            eps = model_fn(x, t_batches[i])
-            x0_pred = (x - sqrt_beta_prod_t[i] * eps) / sqrt_alpha_prod_t[i]  # DDPM eq. 15
-            if self.clip_sample == "clip":
-                x0_pred = x0_pred.clamp(-self.clip_sample_range, self.clip_sample_range)
-            # μ̃_t through x̂0 equals DDPM eq. 11, 1/√α_t (x_t − β_t/√(1−ᾱ_t) ε), when x̂0 is unclipped.
-            x = x0_coeff[i] * x0_pred + xt_coeff[i] * x
-            if t > 0:
-                x = x + std_dev[i] * randn(x.shape, generator, x.device, x.dtype)  # x_{t−1} = μ̃_t + σ_t z
-            if callback is not None:
-                callback({"i": i, "t": t, "x": x, "x0_pred": x0_pred})
-        return x
+        x_prev = x0_coeff * x0_pred + xt_coeff * x
+        if t > 0:
+            if self.variance_type == "fixed_small":
+                variance = (beta_prod_prev / beta_prod_t * current_beta_t).clamp(min=1e-20)  # β̃_t (DDPM eq. 7)
+            else:
+                variance = current_beta_t  # β_t
+            x_prev = x_prev + variance.sqrt() * randn(x.shape, generator, x.device, x.dtype)  # + σ_t z
+        return x_prev, x0_pred

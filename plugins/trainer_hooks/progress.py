@@ -27,18 +27,24 @@ class ProgressBar:
             return
         self.bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc="train", unit="step", dynamic_ncols=True)
         self.start, self.images = time.perf_counter(), 0
+        self.losses_seen = len(trainer.losses)
         minutes = trainer.config.max_minutes
         budget = 60 * minutes - trainer.seconds_before if minutes is not None else None
         self.deadline = self.start + budget if budget is not None and trainer.total_steps is None else None
 
     @hookimpl
-    def minild_train_step_end(self, step, loss, batch_size):
+    def minild_train_step_end(self, trainer, batch_size):
+        # Reads the losses the trainer has read back rather than taking ``loss``: on a GPU that
+        # spares a host sync per step (the bar's loss then trails by up to train.loss_readback_every steps).
         if self.bar is None:
             return
-        self.loss = loss if self.loss is None else self.smoothing * self.loss + (1 - self.smoothing) * loss
+        for loss in trainer.losses[self.losses_seen:]:
+            self.loss = loss if self.loss is None else self.smoothing * self.loss + (1 - self.smoothing) * loss
+        self.losses_seen = len(trainer.losses)
         self.images += batch_size
         now = time.perf_counter()
-        postfix = {"loss": f"{self.loss:.4f}", "img_s": f"{self.images / max(now - self.start, 1e-9):.0f}"}
+        postfix = {"loss": "…" if self.loss is None else f"{self.loss:.4f}",
+                   "img_s": f"{self.images / max(now - self.start, 1e-9):.0f}"}
         if self.deadline is not None:
             postfix["left"] = tqdm.format_interval(max(self.deadline - now, 0))
         self.bar.set_postfix(postfix, refresh=False)

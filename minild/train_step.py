@@ -1,0 +1,95 @@
+"""One optimizer step of the training loop, and the GPU-side choices around it: torch.compile of
+the model, and how often the loss is read back to the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from minild.config import TrainConfig
+
+if TYPE_CHECKING:
+    from minild.train import Trainer
+
+# Steps between loss read-backs on an accelerator when no hook needs the loss every step: each
+# read-back waits for the device to finish, so reading every step keeps the CPU from queueing ahead.
+ACCELERATOR_LOSS_READBACK_EVERY = 50
+
+
+def loss_readback_interval(config: TrainConfig, device: torch.device) -> int:
+    """``train.loss_readback_every``, or by device: 1 on a CPU (a read-back costs nothing there),
+    ``ACCELERATOR_LOSS_READBACK_EVERY`` on CUDA and MPS."""
+    if config.loss_readback_every is not None:
+        return config.loss_readback_every
+    return 1 if device.type == "cpu" else ACCELERATOR_LOSS_READBACK_EVERY
+
+
+def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """``model`` under ``torch.compile`` for ``train.compile`` (the weights stay shared).
+
+    ``"default"`` fuses kernels; ``"reduce-overhead"`` also captures CUDA graphs, which removes
+    the per-kernel launch cost that bounds small models on big GPUs; ``"max-autotune"`` searches
+    kernel configurations too. The first steps pay the compilation (tens of seconds).
+    """
+    if mode == "off":
+        return model
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
+class TrainStep:
+    """One optimizer step over ``grad_accumulation_steps`` forward-pass batches (the hot path:
+    no host sync unless the loss is read back, ``read_loss=True``)."""
+
+    def __init__(self, trainer: "Trainer", train_model, conditioner, memory_format):
+        self.trainer, self.model, self.conditioner = trainer, train_model, conditioner
+        self.memory_format = memory_format
+        precision = trainer.config.precision
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.autocast = (lambda: torch.autocast(trainer.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+
+    def __call__(self, micro_batches, *, read_loss: bool = True) -> float | torch.Tensor:
+        """The step's mean loss: a float with ``read_loss`` (a NaN or inf loss then leaves the
+        weights untouched), else a 0-dim tensor on the device (the step is always taken)."""
+        trainer = self.trainer
+        schedule, generator, optimizer, scaler = trainer.schedule, trainer.generator, trainer.optimizer, trainer.scaler
+        processes, device = trainer.processes, trainer.device
+        accumulation = len(micro_batches)
+        optimizer.zero_grad(set_to_none=True)
+        total = None
+        for index, (x0, labels) in enumerate(micro_batches):
+            # Every process draws for the whole batch, then trains on its shard of it.
+            conditioning = self.conditioner(labels, generator)
+            # Algorithm 1 of DDPM: t ~ U{0, T−1}, ε ~ N(0, I),
+            # minimise ‖ε − ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t)‖².
+            t = torch.randint(0, schedule.num_timesteps, (len(x0),), generator=generator, device=device)
+            noise = torch.randn(x0.shape, generator=generator, device=device)
+            shard = processes.shard(len(x0))
+            x0 = x0[shard].contiguous(memory_format=self.memory_format)
+            x_t = schedule.add_noise(x0, noise[shard], t[shard])
+            with self.autocast():
+                eps = self.model(x_t, t[shard], **{key: value[shard] for key, value in conditioning.items()})
+            loss = F.mse_loss(eps.float(), noise[shard]) / accumulation
+            with processes.no_sync(self.model, last=index == accumulation - 1):
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        total = processes.mean(total)
+        loss_value = total.item() if read_loss else total
+        if read_loss and not math.isfinite(loss_value):
+            optimizer.zero_grad(set_to_none=True)
+            return loss_value
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if trainer.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.config.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        trainer.scheduler.step()
+        return loss_value

@@ -1,0 +1,50 @@
+"""No host sync in the sampling loops: the samplers, a guided class-conditional UNet and the
+diffusers adapter run on the "meta" device, where any read-back of a tensor value (``.item()``,
+``bool()``, ``int()``, ``.tolist()``) raises — so a loop that completes there never waits on a GPU."""
+
+import pytest
+import torch
+
+import minild
+from minild.conditioning import guided_model_fn
+from minild.diffusers_adapter import make_scheduler
+from minild.tiny_sdxl import SDXL_BASE_SCHEDULER_CONFIG
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+META = torch.device("meta")
+SAMPLERS = [("ddpm", {}), ("ddim", {"eta": 1.0}), ("dpm_solver_pp", {})]
+
+
+def test_a_read_back_on_meta_raises():
+    with pytest.raises(RuntimeError):
+        bool(torch.zeros((), device=META))
+
+
+def guided_unet(name="simple_unet"):
+    model = minild.create("model", name, in_channels=1, base_channels=8, num_classes=10, time_embedding_dim=16)
+    model = model.to(META).eval()
+    cond = {"class_labels": torch.tensor([1, 2], device=META)}
+    uncond = {"class_labels": torch.full((2,), 10, device=META)}
+    return guided_model_fn(model, cond, uncond, 3.0)
+
+
+@pytest.mark.parametrize("name, params", SAMPLERS)
+def test_sampling_loop_with_a_guided_unet_reads_nothing_back(name, params):
+    sampler = minild.create("sampler", name, minild.create("schedule", "linear", num_timesteps=100), **params)
+    x = sampler.sample(guided_unet(), (2, 1, 8, 8), num_inference_steps=4, latents=torch.zeros(2, 1, 8, 8, device=META),
+                       generator=torch.Generator().manual_seed(0))
+    assert x.device == META and x.shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize("name, params", SAMPLERS)
+def test_adapter_steps_read_nothing_back(name, params):
+    scheduler = make_scheduler(f"minild:{name}", SDXL_BASE_SCHEDULER_CONFIG, **params)
+    scheduler.set_timesteps(4, device=META)
+    scheduler.set_begin_index(0)  # as diffusers' SDXL pipeline does
+    x = torch.zeros(1, 4, 8, 8, device=META) * scheduler.init_noise_sigma
+    generator = torch.Generator().manual_seed(0)
+    for t in scheduler.timesteps:
+        eps = scheduler.scale_model_input(x, t) * 0.5
+        x = scheduler.step(eps, t, x, generator=generator).prev_sample
+    assert x.device == META
