@@ -120,7 +120,7 @@ def train_with_snapshots(pipe: minild.Pipeline, dataset, minutes: list[float]) -
 
 def score(pipe, classifier, reference, per_class: int, steps: int, scale: float) -> tuple[float, float]:
     labels = torch.arange(10).repeat(per_class)
-    images = pipe.generate(class_labels=labels, guidance_scale=scale, num_inference_steps=steps,
+    images = pipe.generate(class_labels=labels, guidance="cfg", guidance_scale=scale, num_inference_steps=steps,
                            sampler={"name": "ddim", "eta": 0.0}, seed=0)
     return mean_accuracy(classify(classifier, images), labels), frechet_distance(digit_features(classifier, images), reference)
 

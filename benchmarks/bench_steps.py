@@ -37,7 +37,7 @@ def main() -> None:
         pipe.sampler = pipe._build_sampler(StageSpec(name=name))
         start = time.perf_counter()
         scored = run_cfg_digits(
-            pipe, guidance_scales=args.scales, per_class=per_class, num_inference_steps=steps, classifier=classifier,
+            pipe, methods=["cfg"], guidance_scales=args.scales, per_class=per_class, num_inference_steps=steps, classifier=classifier,
         )
         rows.append([name, steps, f"{time.perf_counter() - start:.1f}",
                      *[f"{row['mean_accuracy']:.1%} / {row['digit_fid']:.1f}" for row in scored]])
