@@ -95,7 +95,7 @@ def guided_model_fn(model, cond: dict[str, Any], uncond: dict[str, Any], guider)
     """
     if not cond:
         return lambda x, t: model(x, t)
-    both = {key: torch.cat([cond[key], uncond[key]]) for key in cond}
+    both: dict[str, torch.Tensor] = {}  # cond and uncond batched, built at the first two-pass step
     fixed: list[tuple[bool, bool]] = []  # the once-per-run answer of a t-independent guider
 
     def passes(t: torch.Tensor) -> tuple[bool, bool]:
@@ -116,6 +116,8 @@ def guided_model_fn(model, cond: dict[str, Any], uncond: dict[str, Any], guider)
         if not use_cond:
             return model(x, t, **uncond)
         # One batched forward for the conditional and unconditional halves.
+        if not both:
+            both.update({key: torch.cat([cond[key], uncond[key]]) for key in cond})
         eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
         return guider(eps_cond, eps_uncond, t=t, x=x)
 

@@ -14,6 +14,7 @@ import minild
 from minild import hookimpl
 from minild.config import ConfigError, load_config
 from minild.generation import guidance_spec
+from minild.conditioning import guided_model_fn
 from minild.guidance import noise_levels
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "minild-euler"
@@ -365,3 +366,11 @@ def test_a_sampler_configures_its_default_number_of_steps():
     assert len(steps) == 50  # no configured default: 50, as before
     with pytest.raises(ValueError, match="num_inference_steps must lie in"):
         minild.Pipeline.from_config(class_config(sampler={"name": "ddim", "num_inference_steps": 101}))
+
+
+def test_a_one_pass_guidance_needs_no_unconditional_arguments():
+    model = minild.create("model", "simple_unet", in_channels=1, base_channels=8, num_classes=3)
+    model.eval()
+    x, t, labels = torch.randn(2, 1, 16, 16), torch.tensor([5, 5]), torch.tensor([0, 2])
+    eps = guided_model_fn(model, {"class_labels": labels}, {}, 1.0)(x, t)  # scale 1: the conditional pass alone
+    torch.testing.assert_close(eps, model(x, t, class_labels=labels))
