@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from minild import plugins, runs
+from minild import checkpoint, plugins, runs
 from minild.config import plain_value
 from minild.errors import UnavailableError
 from minild.images import grid_conditions, sampling_caption, save_sample_grid
@@ -220,6 +220,9 @@ def _train(args) -> int:
     if args.overwrite and args.resume:
         raise ValueError("--overwrite and --resume exclude each other: --resume continues a run, --overwrite deletes it")
     resume, overwrite = args.resume, args.overwrite
+    if resume is not None and Path(resume) == run_dir and runs.read_run(run_dir) is not None \
+            and not checkpoint.list_checkpoints(run_dir):
+        resume = None  # killed before its first checkpoint: the plan below starts it over, saying so
     if resume is None and not overwrite:
         plan = runs.plan_run(run_dir, pipe.config)
         if plan.message and _is_main_process():

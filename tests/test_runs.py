@@ -302,6 +302,16 @@ def test_an_unfinished_run_without_a_checkpoint_starts_over(tmp_path, capsys):
     assert steps == [1, 2]
 
 
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_over(tmp_path, capsys):
+    config, run_dir = write_config(tmp_path), tmp_path / "run"
+    run_dir.mkdir()
+    pipe = minild.Pipeline.from_config(config)
+    runs.write_run_state(run_dir, pipe.config, status="running", step=7, reason=None, trained_seconds=3.0)
+    assert main(["train", str(config), "--resume", str(run_dir), "--max-steps", "2", "--grid", "0"]) == 0
+    assert "without a checkpoint: starting it over" in capsys.readouterr().out
+    assert (run_dir / "model.safetensors").is_file()
+
+
 def test_resume_and_overwrite_exclude_each_other(tmp_path, capsys):
     config = write_config(tmp_path)
     assert cli_train(config, tmp_path / "run", "--overwrite", "--resume", str(tmp_path / "run")) == 2
