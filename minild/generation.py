@@ -88,7 +88,8 @@ def class_labels_tensor(class_labels: Any, num_classes: int | None, model_name: 
     if len(labels) == 0:
         raise GenerateArgumentError("class_labels is empty: give one class index per image")
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise GenerateArgumentError(f"class_labels must lie in [0, {num_classes}), got {labels.tolist()}")
+        outside = sorted({label for label in labels.tolist() if not 0 <= label < num_classes})
+        raise GenerateArgumentError(f"class_labels must lie in [0, {num_classes}), got {outside}")
     return labels
 
 
