@@ -50,6 +50,13 @@ class Processes:
             # a process that exits with them still running.
             atexit.register(self.accelerator.end_training)
 
+    def close(self) -> None:
+        """After the last step: every process waits for the others, then all tear the process
+        group down together, before the main one goes on alone (saving, sampling)."""
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+            self.accelerator.end_training()
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0

@@ -152,6 +152,7 @@ class Trainer:
                 self._train(batches, train_step, pm)
                 pm.hook.minild_train_end(trainer=self, reason=self._stop_reason)
                 self._finish()
+                self.processes.close()
         finally:
             for name in hook_names:
                 pm.unregister(name=name)
