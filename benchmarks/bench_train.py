@@ -29,6 +29,7 @@ from _common import (
     median,
     peak_rss_mib,
     seed_recipe_config,
+    synchronize,
     train_step_flops,
 )
 from minild.data import load_dataset
@@ -42,6 +43,8 @@ def main() -> None:
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--widths", type=int, nargs="*", default=[64],
                         help="also time the default recipe at these base_channels (wider convolutions run nearer the matmul rate)")
+    parser.add_argument("--batch-size", type=int, help="the default config's batch size for its variants "
+                        "(default: the config's 64); a big GPU is launch-bound at 64, so try 512 there too")
     add_device_argument(parser)
     args = parser.parse_args()
     device = args.device
@@ -50,6 +53,8 @@ def main() -> None:
     dataset = load_dataset("digits", split="train")
     config = default_config()
     config["train"]["device"] = device
+    if args.batch_size:
+        config["train"]["batch_size"] = args.batch_size
     pipe = minild.Pipeline.from_config(config)
     num_classes = pipe.model.num_classes
     seed_config = seed_recipe_config(count_parameters(pipe.model))
@@ -69,8 +74,11 @@ def main() -> None:
             lr=seed_pipe.config.train.lr, p_uncond=0.0, num_classes=None, ema_decay=None, device=device,
         ),
     }
-    if torch.device(device).type == "cuda":  # the GPU-only levers (train.compile, bf16), on the same pipeline
+    if torch.device(device).type == "cuda":  # the GPU-only levers (layout, train.compile, bf16), on the same pipeline
+        variants["Pipeline.train, channels_last"] = PipelineRun(pipe, dataset, channels_last=True)
         variants["Pipeline.train, compile reduce-overhead"] = PipelineRun(pipe, dataset, compile="reduce-overhead")
+        variants["Pipeline.train, compile reduce-overhead, contiguous"] = PipelineRun(
+            pipe, dataset, compile="reduce-overhead", channels_last=False)
         variants["Pipeline.train, precision bf16"] = PipelineRun(pipe, dataset, precision="bf16")
         variants["Pipeline.train, bf16 + compile reduce-overhead"] = PipelineRun(
             pipe, dataset, precision="bf16", compile="reduce-overhead")
@@ -92,8 +100,12 @@ def main() -> None:
                                num_classes=num_classes if name in conditional else None)
         for name, run in variants.items()
     }
-    for run in variants.values():  # warm-up: first-call allocations and kernel selection
+    first_step = {}  # warm-up: first-call allocations, kernel selection and torch.compile's compilation
+    for name, run in variants.items():
+        start = time.perf_counter()
         run(1)
+        synchronize(device)
+        first_step[name] = time.perf_counter() - start
     seconds = {name: [] for name in variants}
     matmul = []
     for _ in range(rounds):
@@ -111,14 +123,17 @@ def main() -> None:
         rows.append([
             name, f"{count_parameters(run.model):,}", run.batch_size, f"{run.batch_size / step:.0f}",
             f"{flops[name] / 1e9:.2f}", f"{gflops:.1f}", f"{100 * gflops / matmul_rate:.0f}%", overhead,
+            f"{first_step[name]:.1f}",
         ])
-    rows.append([f"fp32 matmul {args.matmul_size}²", "—", "—", "—", "—", f"{matmul_rate:.1f}", "100%", "—"])
+    rows.append([f"fp32 matmul {args.matmul_size}²", "—", "—", "—", "—", f"{matmul_rate:.1f}", "100%", "—", "—"])
     print(f"## Training step ({'quick check, not a measurement' if args.quick else 'measured'})\n")
-    print(f"{machine_line()}, {device_line(device)}; median of {rounds} interleaved rounds of {steps} steps per variant.\n"
+    print(f"{machine_line()}, {device_line(device)}; median of {rounds} interleaved rounds of {steps} steps per variant; "
+          f"first step: the one-step warm-up call before them (torch.compile compiles there).\n"
           f"Default model: {pipe.config.model.to_dict()}; seed recipe: base_channels "
           f"{seed_config['model']['base_channels']}, cosine schedule, batch 128, AdamW 3e-4, no EMA.\n")
     print(markdown_table(
-        ["variant", "parameters", "batch", "img/s", "GFLOP/step", "GFLOP/s", "of matmul", "vs hand-written"], rows,
+        ["variant", "parameters", "batch", "img/s", "GFLOP/step", "GFLOP/s", "of matmul", "vs hand-written",
+         "first step (s)"], rows,
     ))
     print(f"\nPeak RSS: {peak_rss_mib():.0f} MiB")
 
@@ -175,11 +190,13 @@ class PipelineRun:
 
 class BareLoop:
     """The training step written by hand, as a tutorial does: random batch, condition dropout,
-    q(x_t | x_0), eps-MSE, AdamW (fused, as minild), gradient clipping at 1.0, optional EMA; channels_last."""
+    q(x_t | x_0), eps-MSE, AdamW (fused, as minild), gradient clipping at 1.0, optional EMA; in
+    minild's default memory format (channels_last on a CPU, contiguous on a GPU)."""
 
     def __init__(self, model, schedule, dataset, *, batch_size, lr, p_uncond, num_classes, ema_decay, device="cpu"):
         self.device = torch.device(device)
-        self.model = copy.deepcopy(model).to(self.device, memory_format=torch.channels_last).train()
+        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        self.model = copy.deepcopy(model).to(self.device, memory_format=self.memory_format).train()
         self.source_model = model
         self.batch_size, self.p_uncond, self.num_classes = batch_size, p_uncond, num_classes
         self.images, self.labels = dataset.images.to(self.device), torch.as_tensor(dataset.labels).to(self.device)
@@ -193,7 +210,7 @@ class BareLoop:
         start = time.perf_counter()
         for _ in range(steps):
             index = torch.randint(0, len(self.images), (self.batch_size,), device=self.device)
-            x0 = self.images[index].contiguous(memory_format=torch.channels_last)
+            x0 = self.images[index].contiguous(memory_format=self.memory_format)
             kwargs = {}
             if self.num_classes is not None:
                 drop = torch.rand(self.batch_size, device=self.device) < self.p_uncond

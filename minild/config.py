@@ -63,9 +63,12 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: typing.Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16: autocast; fp16: autocast + GradScaler, CUDA only
-    channels_last: bool = True  # the model's memory format in training and in generate(): faster convolutions
-    # torch.compile of the model in training: off | default | reduce-overhead (CUDA graphs) | max-autotune
-    compile: typing.Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    # The model's memory format in training and in generate(): true, false, or null = where measured
+    # faster (CPUs; CUDA only under train.compile; see minild.train_step.use_channels_last)
+    channels_last: bool | None = None
+    # torch.compile of the model in training: auto | off | default | reduce-overhead (CUDA graphs) |
+    # max-autotune; auto = reduce-overhead on CUDA for runs of 5+ minutes, else off (minild.train_step)
+    compile: typing.Literal["auto", "off", "default", "reduce-overhead", "max-autotune"] = "auto"
     # steps between loss read-backs when no hook takes the loss each step; None: 1 on CPU, 50 on GPUs
     loss_readback_every: int | None = None
     hooks: list = field(default_factory=lambda: ["progress"])

@@ -17,6 +17,7 @@ from minild.config import StageSpec, parse_stage
 from minild.devices import resolve_batch_size
 from minild.guidance import check_scale, guided_model_fn
 from minild.train import resolve_device
+from minild.train_step import use_channels_last
 
 DEFAULT_NUM_INFERENCE_STEPS = 50  # for samplers that configure no num_inference_steps of their own
 OUTPUT_TYPES = ("pt", "np", "pil")
@@ -220,9 +221,10 @@ def generate(pipe, num_images=None, *, class_labels=None, prompts=None, guidance
         )
     chunk_size = resolve_batch_size(batch_size, num_images, run_device, model, pipe.image_shape)
     chunks = []
-    # channels_last makes the convolutions faster on CPUs and GPUs (here 1.3× per forward on
-    # a CPU); only float rounding changes. MPS does not take it, as in training.
-    channels_last = pipe.config.train.channels_last and run_device.type != "mps"
+    # By default channels_last on CPUs (1.3× per forward) and not on GPUs, where the eager model
+    # sampled 1.25× faster in its contiguous layout (minild.train_step.use_channels_last); only
+    # float rounding changes.
+    channels_last = use_channels_last(pipe.config.train.channels_last, run_device, compiled=False)
     with memory_format(model, torch.channels_last if channels_last else None):
         for start in range(0, num_images, chunk_size):
             chunk = slice(start, start + chunk_size)

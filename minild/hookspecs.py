@@ -188,7 +188,10 @@ def register_trainer_hooks(register):
 #   pipeline, model (the unwrapped nn.Module), optimizer, scheduler (LR), config
 #   (TrainConfig), device, run_dir (Path or None), step (optimizer steps done),
 #   epoch (full passes done), steps_per_epoch, total_steps (None under a time budget
-#   alone), losses / epoch_losses (the whole run's history, resumed runs included),
+#   alone), compile_mode (train.compile as resolved for this run: "off" or a torch.compile
+#   mode), losses / epoch_losses (the whole run's history, resumed runs included; on a GPU
+#   the last few steps' may still be on the device: loss_count counts them too, and
+#   read_back_losses() brings them over, one host sync),
 #   resumed_from (checkpoint Path or None), seconds_before (training time before this
 #   call, from the checkpoint resumed), trained_seconds (the run's training time so far,
 #   which max_minutes limits), is_main_process (False on the other

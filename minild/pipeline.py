@@ -286,8 +286,8 @@ class Pipeline:
         chunk after chunk. The guidance is
         bound afresh for every chunk (its per-run state, e.g. APG's momentum, starts over).
         ``callback`` is called for every step of every chunk. The model runs in channels_last
-        memory format (unless ``train.channels_last`` is off) and is given back its own layout
-        afterwards. Every argument is checked: a wrong one is a ``ValueError`` naming it.
+        memory format on a CPU and contiguous on a GPU (``train.channels_last`` true or false
+        forces one) and is given back its own layout afterwards. Every argument is checked: a wrong one is a ``ValueError`` naming it.
         """
         return generation.generate(
             self, num_images, class_labels=class_labels, prompts=prompts, guidance=guidance,

@@ -5,7 +5,7 @@ Index every tensor with the training timestep t = 0 … T−1 (the paper's t = 1
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +19,9 @@ class NoiseSchedule:
     alphas_cumprod: torch.Tensor  # ᾱ_t = ∏_{s≤t} α_s
     alphas_cumprod_prev: torch.Tensor  # ᾱ_{t−1}, with ᾱ_{−1} = 1
     posterior_variance: torch.Tensor  # β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t)   (DDPM eq. 7)
+    # ᾱ copied to each device it was used on, once: a copy per training step would make the host
+    # wait for the GPU every step (a blocking host-to-device copy).
+    _alphas_cumprod_on: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_betas(cls, betas: torch.Tensor) -> "NoiseSchedule":
@@ -46,11 +49,18 @@ class NoiseSchedule:
     def num_timesteps(self) -> int:
         return len(self.betas)
 
+    def alphas_cumprod_on(self, device: torch.device | str) -> torch.Tensor:
+        """ᾱ ``[T]`` on ``device`` (copied there once, then reused)."""
+        device = torch.device(device)
+        if device not in self._alphas_cumprod_on:
+            self._alphas_cumprod_on[device] = self.alphas_cumprod.to(device)
+        return self._alphas_cumprod_on[device]
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """q(x_t | x_0): x_t = √ᾱ_t · x_0 + √(1 − ᾱ_t) · ε   (DDPM eq. 4).
 
         ``x0`` and ``noise``: ``[B, ...]``; ``t``: ``[B]`` int64 timesteps.
         """
-        alphas_cumprod = self.alphas_cumprod.to(device=x0.device)[t].to(x0.dtype)
+        alphas_cumprod = self.alphas_cumprod_on(x0.device)[t].to(x0.dtype)
         alphas_cumprod = alphas_cumprod.reshape(-1, *([1] * (x0.ndim - 1)))
         return alphas_cumprod.sqrt() * x0 + (1.0 - alphas_cumprod).sqrt() * noise

@@ -24,7 +24,7 @@ from minild.config import TrainConfig, parse_stage
 from minild.distributed import Processes, resolve_device
 from minild.interrupts import is_interrupt, stop_on_signals
 from minild.io import check_writable_dir
-from minild.train_step import TrainStep, compile_model, loss_readback_interval
+from minild.train_step import TrainStep, compile_model, loss_readback_interval, resolve_compile, use_channels_last
 
 if TYPE_CHECKING:
     from minild.pipeline import Pipeline
@@ -89,6 +89,7 @@ class Trainer:
         self.steps_per_epoch = 0
         self.total_steps: int | None = None
         self.dataset_size = 0
+        self.compile_mode = "off"  # train.compile as resolved for this run (minild.train_step.resolve_compile)
         self.losses: list[float] = []
         self.epoch_losses: list[float] = []
         # Where the run is in the current epoch: its permutation of the dataset (None
@@ -215,10 +216,6 @@ class Trainer:
     def _prepare(self, dataset) -> tuple["BatchSource", TrainStep]:
         """Put the model on the device, seed the generator, size the run and its LR schedule."""
         config = self.config
-        channels_last = config.channels_last and self.device.type != "mps"
-        memory_format = torch.channels_last if channels_last else torch.preserve_format
-        self.model.to(self.device, memory_format=memory_format).train()
-        train_model = self.processes.wrap(self.model)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         batches = BatchSource(dataset, config.batch_size, self.device, self.generator)
         self.dataset_size = batches.size
@@ -230,6 +227,11 @@ class Trainer:
             )
         self.processes.check_batch_size(batches.batch_size)
         self.total_steps = _total_steps(config, self.steps_per_epoch)
+        self.compile_mode = resolve_compile(config, self.device, self.total_steps, self.processes.world_size)
+        channels_last = use_channels_last(config.channels_last, self.device, compiled=self.compile_mode != "off")
+        memory_format = torch.channels_last if channels_last else torch.preserve_format
+        self.model.to(self.device, memory_format=memory_format).train()
+        train_model = self.processes.wrap(self.model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config, self.total_steps))
         if getattr(dataset, "class_names", None):
             self.pipeline.class_names = list(dataset.class_names)
@@ -239,7 +241,7 @@ class Trainer:
             self.model, self.pipeline.text_encoder, getattr(dataset, "class_names", None),
             self.pipeline.config.data.prompt_templates, config.p_uncond, self.device,
         )
-        return batches, TrainStep(self, compile_model(train_model, config.compile), conditioner, memory_format)
+        return batches, TrainStep(self, compile_model(train_model, self.compile_mode), conditioner, memory_format)
 
     def _resume(self) -> checkpoint.Checkpoint:
         resumed = checkpoint.load_latest(self.resume)
@@ -292,6 +294,11 @@ class Trainer:
                 self._end_epoch(pm)
                 self._check_budget()
         self.read_back_losses()
+
+    @property
+    def loss_count(self) -> int:
+        """Losses of the steps taken so far, read back into ``losses`` or still on the device."""
+        return len(self.losses) + len(self._pending_losses)
 
     def read_back_losses(self) -> None:
         """Move the losses still on the device into ``losses`` (one host sync); a non-finite one

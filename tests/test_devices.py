@@ -63,5 +63,5 @@ def test_generate_chunks_by_device_by_default():
     pipe = minild.Pipeline.from_config(tiny_config())
     sizes = []
     pipe.model.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[0]))
-    pipe.generate(70, num_inference_steps=1, seed=0)
+    pipe.generate(70, num_inference_steps=1, seed=0, device="cpu")
     assert sizes == [64, 6]

@@ -249,7 +249,7 @@ def test_generate_runs_the_model_in_channels_last_and_gives_back_its_layout():
     pipe.model.register_forward_pre_hook(lambda module, args: layouts.append(
         all(p.is_contiguous(memory_format=torch.channels_last) for p in _weights_4d(module))
     ))
-    kwargs = dict(class_labels=[1, 7], guidance_scale=3.0, num_inference_steps=3, seed=0)
+    kwargs = dict(class_labels=[1, 7], guidance_scale=3.0, num_inference_steps=3, seed=0, device="cpu")
     fast = pipe.generate(**kwargs)
     assert layouts and all(layouts)
     assert any(not p.is_contiguous(memory_format=torch.channels_last) for p in _weights_4d(pipe.model))

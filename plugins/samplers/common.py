@@ -53,13 +53,15 @@ def randn(
 
     With a list of B generators, sample b's noise comes from ``generator[b]`` alone, so each
     image is reproducible whatever batch it is drawn in. Noise is drawn on the generator's
-    device (CPU by default) and then moved, as diffusers does.
+    device (CPU by default) and then moved, as diffusers does. The move does not wait for the
+    device's queued work: a blocking copy would make the host wait for the GPU at every
+    stochastic step.
     """
     if isinstance(generator, Sequence):
         batch = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
-        return torch.cat(batch).to(device)
+        return torch.cat(batch).to(device, non_blocking=True)
     noise_device = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=noise_device, dtype=dtype).to(device)
+    return torch.randn(tuple(shape), generator=generator, device=noise_device, dtype=dtype).to(device, non_blocking=True)
 
 
 def initial_latents(

@@ -19,6 +19,8 @@ class MetricsLog:
     """Writes one record per ``every_steps`` steps and one per epoch to ``run_dir/metrics.jsonl``
     (or ``metrics.csv``), buffered and appended every ``flush_every`` records, at epoch end,
     at each checkpoint and at the end. A resumed run drops the records after its checkpoint.
+    The losses are those the trainer read back, taken when the records are written (so on a GPU
+    the hook adds one read-back per ``flush_every`` records, not one per step).
 
     Step records: ``{"event": "step", "step", "epoch", "loss", "lr", "images_per_second", "time"}``;
     epoch records: ``{"event": "epoch", "step", "epoch", "mean_loss", "time"}``. ``epoch`` counts
@@ -44,14 +46,17 @@ class MetricsLog:
         kept = [r for r in self._read() if int(r["step"]) <= trainer.step] if trainer.resumed_from else []
         atomic_write(self.path, lambda tmp: self._write(tmp, kept, "w"))
         self.rate = Rate(trainer.step)
+        self.trainer = trainer
 
     @hookimpl
-    def minild_train_step_end(self, trainer, step, loss, lr, batch_size):
+    def minild_train_step_end(self, trainer, step, lr, batch_size):
         if not self.active or not every(step, self.every_steps):
             return
         rate = self.rate.update(step, batch_size)
-        self._add({"event": "step", "step": step, "epoch": trainer.epoch + 1, "loss": loss, "lr": lr,
-                   "images_per_second": round(rate, 2), "time": round(time.time(), 3)})
+        # The loss is filled in when the records are written, from ``trainer.losses``: taking
+        # ``loss`` here would make the trainer read it back every step (a host sync on a GPU).
+        self._add({"event": "step", "step": step, "epoch": trainer.epoch + 1, "loss": trainer.loss_count - 1,
+                   "lr": lr, "images_per_second": round(rate, 2), "time": round(time.time(), 3)})
 
     @hookimpl
     def minild_train_epoch_end(self, trainer, epoch, mean_loss):
@@ -74,9 +79,16 @@ class MetricsLog:
             self.flush()
 
     def flush(self) -> None:
-        if self.pending:
-            self._write(self.path, self.pending, "a")
-            self.pending = []
+        if not self.pending:
+            return
+        self.trainer.read_back_losses()  # every flush_every records, not every step
+        losses = self.trainer.losses
+        for record in self.pending:
+            if record["event"] == "step":  # "loss" holds the index of the step's loss until now
+                index = record["loss"]
+                record["loss"] = losses[index] if index < len(losses) else None  # None: a non-finite loss stopped the run
+        self._write(self.path, self.pending, "a")
+        self.pending = []
 
     def _write(self, path, records: list[dict], mode: str) -> None:
         with open(path, mode, newline="") as file:

@@ -26,6 +26,10 @@ class ProgressBar:
         if not trainer.is_main_process:
             return
         self.bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc="train", unit="step", dynamic_ncols=True)
+        mode = getattr(trainer, "compile_mode", "off")
+        if mode != "off":
+            self.bar.write(f"train: torch.compile (mode {mode}) compiles the model in the first steps: about a "
+                           "minute on a fresh machine (train.compile: off skips it)")
         self.start, self.images = time.perf_counter(), 0
         self.losses_seen = len(trainer.losses)
         minutes = trainer.config.max_minutes
