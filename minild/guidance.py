@@ -40,7 +40,7 @@ class Guidance:
     across steps, ``reset()``; see ``minild.hookspecs.register_guidances`` for the contract.
     """
 
-    uncond_depends_on_t = False  # True: needs_uncond / needs_cond look at t (read once per step)
+    uncond_depends_on_t = False  # True: needs_uncond / needs_cond look at t (asked every step)
 
     def __init__(self, *, scale: float = 3.0):
         self.scale = check_scale(scale, "guidance scale")
@@ -89,28 +89,32 @@ def guided_model_fn(model, cond: dict[str, Any], uncond: dict[str, Any], guider)
     unconditional pass when ``guider.needs_cond(t)`` is False (its eps used as is), else both
     halves in one batched forward combined by ``guider(eps_cond, eps_uncond, t=t, x=x)``.
     With no conditioning (``cond`` empty) the model runs alone. A guider whose answers do not
-    depend on t (``uncond_depends_on_t`` False) is asked once per run, at t = 0, without reading
-    t back (the sampling loop then waits on no device); otherwise t is read back from its device
-    once per step (``t[0]``: the samplers give every sample the same t).
+    depend on t (``uncond_depends_on_t`` False) is asked once per run, at t = 0; otherwise at
+    every step, at ``timestep`` (the step's timestep as a Python int, which minild's samplers
+    pass, see ``takes_timestep``) or else at ``t[0]`` read back from the device (a host sync;
+    the samplers give every sample the same t).
     """
     if not cond:
         return lambda x, t: model(x, t)
     both: dict[str, torch.Tensor] = {}  # cond and uncond batched, built at the first two-pass step
     fixed: list[tuple[bool, bool]] = []  # the once-per-run answer of a t-independent guider
 
-    def passes(t: torch.Tensor) -> tuple[bool, bool]:
+    def passes(t: torch.Tensor, timestep: int | None) -> tuple[bool, bool]:
         if fixed:
             return fixed[0]
         depends_on_t = getattr(guider, "uncond_depends_on_t", True)
-        step = int(t[0]) if depends_on_t else 0  # the same answer at every t: no host sync
+        if not depends_on_t:
+            step = 0  # the same answer at every t
+        else:
+            step = timestep if timestep is not None else int(t[0])  # int(t[0]): a host sync
         needs_cond = getattr(guider, "needs_cond", None)  # optional in the contract
         answer = (needs_cond is None or bool(needs_cond(step)), bool(guider.needs_uncond(step)))
         if not depends_on_t:
             fixed.append(answer)
         return answer
 
-    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        use_cond, use_uncond = passes(t)
+    def guided(x: torch.Tensor, t: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
+        use_cond, use_uncond = passes(t, timestep)
         if not use_uncond:
             return model(x, t, **cond)
         if not use_cond:
@@ -121,4 +125,5 @@ def guided_model_fn(model, cond: dict[str, Any], uncond: dict[str, Any], guider)
         eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
         return guider(eps_cond, eps_uncond, t=t, x=x)
 
+    guided.takes_timestep = True
     return guided

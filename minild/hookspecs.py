@@ -59,7 +59,10 @@ def register_samplers(register):
     latents=None, callback=None, **params) -> x0``:
 
     - ``model_fn(x, t) -> eps``: ``x`` is ``[B, C, H, W]``, ``t`` a ``[B]`` int64 tensor;
-      conditioning and guidance are already folded into ``model_fn``;
+      conditioning and guidance are already folded into ``model_fn``. A ``model_fn`` whose
+      ``takes_timestep`` attribute is True (the pipeline's guided one) also takes
+      ``timestep=`` the step's timestep as a Python int: a sampler that knows it should pass
+      it, which spares guidance that depends on t (``cfg_interval``) a read-back of ``t``;
     - ``shape``: ``(B, C, H, W)`` of the samples;
     - ``generator``: a ``torch.Generator`` (or a list of B generators, one per sample)
       that every random draw goes through;
@@ -117,9 +120,9 @@ def register_guidances(register):
     - optionally ``needs_cond(t: int) -> bool`` (default True): False runs only the
       unconditional pass and uses its eps as is (CFG at scale 0);
     - optionally ``uncond_depends_on_t: bool`` (default True): False promises that both
-      answers are the same at every t, so the pipeline asks once per run (at t = 0, without
-      reading t back); otherwise it reads t back from the device once per step (a host sync on
-      an accelerator);
+      answers are the same at every t, so the pipeline asks once per run (at t = 0); otherwise
+      it asks at every step, with the step's timestep as the sampler passes it (the built-in
+      samplers do: no host sync), or else read back from ``t`` (a host sync on an accelerator);
     - ``__call__(eps_cond, eps_uncond, *, t, x) -> eps``, called when both passes ran: ``eps_cond``,
       ``eps_uncond`` and ``x`` (the noisy x_t) are ``[B, C, H, W]``, ``t`` a ``[B]`` int64 tensor
       on their device; returns the eps the sampler uses, ``[B, C, H, W]`` in their dtype and on

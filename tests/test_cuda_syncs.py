@@ -69,7 +69,7 @@ def test_training_steps_do_not_wait_for_the_gpu(tmp_path, compile_mode):
 
 
 @pytest.mark.parametrize("sampler", [{"name": "ddpm"}, {"name": "ddim", "eta": 1.0}, {"name": "dpm_solver_pp"}])
-@pytest.mark.parametrize("guidance", ["cfg", "apg", "cfg_rescale"])
+@pytest.mark.parametrize("guidance", ["cfg", "apg", "cfg_rescale", "cfg_interval"])
 def test_sampling_steps_do_not_wait_for_the_gpu(sampler, guidance):
     pipe = minild.Pipeline.from_config(tiny_config(model={"num_classes": 10}, train={"device": "cuda"}))
 

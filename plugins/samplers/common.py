@@ -91,9 +91,10 @@ def run_chain(sampler, model_fn, x: torch.Tensor, timesteps: list[int], generato
     """The loop every step-wise sampler shares: ε from ``model_fn`` at each timestep, then
     ``sampler.step`` to the next one (``t_prev=None`` after the last), ``callback`` after each."""
     t_batches = torch.tensor(timesteps, device=x.device)[:, None].expand(-1, x.shape[0])  # [n, B]
+    takes_timestep = getattr(model_fn, "takes_timestep", False)  # then t as an int spares it a read-back
     for i, t in enumerate(timesteps):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
-        eps = model_fn(x, t_batches[i])
+        eps = model_fn(x, t_batches[i], timestep=t) if takes_timestep else model_fn(x, t_batches[i])
         x, x0_pred = sampler.step(eps, t, x, t_prev=t_prev, generator=generator)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0_pred": x0_pred})
