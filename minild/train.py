@@ -241,7 +241,10 @@ class Trainer:
             self.model, self.pipeline.text_encoder, getattr(dataset, "class_names", None),
             self.pipeline.config.data.prompt_templates, config.p_uncond, self.device,
         )
-        return batches, TrainStep(self, compile_model(train_model, self.compile_mode), conditioner, memory_format)
+        return batches, TrainStep(
+            self, compile_model(train_model, self.compile_mode), conditioner, memory_format,
+            eager_model=train_model if config.compile == "auto" and self.compile_mode != "off" else None,
+        )
 
     def _resume(self) -> checkpoint.Checkpoint:
         resumed = checkpoint.load_latest(self.resume)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -83,9 +84,12 @@ class TrainStep:
     """One optimizer step over ``grad_accumulation_steps`` forward-pass batches (the hot path:
     no host sync unless the loss is read back, ``read_loss=True``)."""
 
-    def __init__(self, trainer: "Trainer", train_model, conditioner, memory_format):
+    def __init__(self, trainer: "Trainer", train_model, conditioner, memory_format, eager_model=None):
         self.trainer, self.model, self.conditioner = trainer, train_model, conditioner
         self.memory_format = memory_format
+        # With train.compile "auto": the uncompiled model, to train on if compiling fails in the
+        # first step (a model torch.compile cannot handle should not stop a run that did not ask).
+        self.eager_model = eager_model
         precision = trainer.config.precision
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.autocast = (lambda: torch.autocast(trainer.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
@@ -109,11 +113,9 @@ class TrainStep:
             shard = processes.shard(len(x0))
             x0 = x0[shard].contiguous(memory_format=self.memory_format)
             x_t = schedule.add_noise(x0, noise[shard], t[shard])
-            with self.autocast():
-                eps = self.model(x_t, t[shard], **{key: value[shard] for key, value in conditioning.items()})
-            loss = F.mse_loss(eps.float(), noise[shard]) / accumulation
-            with processes.no_sync(self.model, last=index == accumulation - 1):
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+            kwargs = {key: value[shard] for key, value in conditioning.items()}
+            args = (x_t, t[shard], kwargs, noise[shard], accumulation, index == accumulation - 1)
+            loss = self._first_compiled_pass(*args) if self.eager_model is not None else self._pass(*args)
             total = loss.detach() if total is None else total + loss.detach()
         total = processes.mean(total)
         loss_value = total.item() if read_loss else total
@@ -131,3 +133,30 @@ class TrainStep:
             optimizer.step()
         trainer.scheduler.step()
         return loss_value
+
+    def _pass(self, x_t, t, kwargs, noise, accumulation: int, last: bool) -> torch.Tensor:
+        """Forward and backward of one forward-pass batch; the loss, scaled for accumulation."""
+        scaler = self.trainer.scaler
+        with self.autocast():
+            eps = self.model(x_t, t, **kwargs)
+        loss = F.mse_loss(eps.float(), noise) / accumulation
+        with self.trainer.processes.no_sync(self.model, last=last):
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        return loss
+
+    def _first_compiled_pass(self, *args) -> torch.Tensor:
+        """``_pass`` through the model ``"auto"`` compiled; if compiling fails, warn, train the
+        eager model from here on (``trainer.compile_mode`` becomes "off") and redo the pass."""
+        try:
+            loss = self._pass(*args)
+        except Exception as err:  # noqa: BLE001 - any compiler failure; a model error recurs below
+            warnings.warn(
+                f"train.compile 'auto': torch.compile could not compile the model ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); training it uncompiled (train.compile: off "
+                "says so up front)", stacklevel=2,
+            )
+            self.trainer.optimizer.zero_grad(set_to_none=True)
+            self.model, self.trainer.compile_mode = self.eager_model, "off"
+            loss = self._pass(*args)
+        self.eager_model = None  # compiled (or fell back) once: no more checks
+        return loss

@@ -146,3 +146,26 @@ def test_the_progress_bar_says_when_the_first_steps_compile(monkeypatch, capsys)
     assert "torch.compile (mode reduce-overhead) compiles the model in the first steps" in capsys.readouterr().out
     train(max_steps=2, hooks=["progress"])  # auto: off on a CPU, nothing to say
     assert "torch.compile" not in capsys.readouterr().out
+
+
+class FailsToCompile(torch.nn.Module):
+    """What torch.compile hands back for a model it cannot compile: it fails at the first call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("BackendCompilerFailed: no working C++ compiler")
+
+
+def test_an_auto_compile_that_fails_trains_the_model_uncompiled(monkeypatch):
+    _, eager = train(max_steps=3, compile="off")
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: FailsToCompile(model))
+    monkeypatch.setattr("minild.train.resolve_compile",  # as on a CUDA machine
+                        lambda config, *args: "reduce-overhead" if config.compile == "auto" else config.compile)
+    with pytest.warns(UserWarning, match="torch.compile could not compile the model .RuntimeError: BackendCompiler"):
+        _, result = train(max_steps=3)
+    assert result.losses == eager.losses  # the failed pass was redone on the same batch, noise and t
+    with pytest.raises(RuntimeError, match="no working C\\+\\+ compiler"):
+        train(max_steps=3, compile="reduce-overhead")  # asked for by name: its failure is the user's to see
