@@ -6,16 +6,18 @@ while σ_t lies in an interval), named like minild's guidance stages, with ``:ke
 from __future__ import annotations
 
 import contextlib
-import math
+
 import torch
 
+from minild import plugins
 from minild.diffusers_adapter import parse_options
 
-# method → its options and their defaults (the papers' values, as minild's guidance stages).
-LAB_GUIDANCE_METHODS: dict[str, dict[str, float]] = {
-    "cfg": {},
-    "cfg_rescale": {"phi": 0.7},  # Lin et al. 2024, eq. 15–17; diffusers' guidance_rescale
-    "cfg_interval": {"sigma_low": 0.28, "sigma_high": 5.42},  # Kynkäänniemi et al. 2024
+# method → the options the lab takes from it; their defaults and checks are those of minild's
+# guidance stage of the same name (plugins/guidance/), which builds and validates them.
+LAB_GUIDANCE_METHODS: dict[str, tuple[str, ...]] = {
+    "cfg": (),
+    "cfg_rescale": ("phi",),  # Lin et al. 2024, eq. 15–17; diffusers' guidance_rescale
+    "cfg_interval": ("sigma_low", "sigma_high"),  # Kynkäänniemi et al. 2024
 }
 
 
@@ -28,26 +30,19 @@ def parse_guidance_method(name: str) -> tuple[str, dict[str, float]]:
     method, _, options = name.partition(":")
     if method not in LAB_GUIDANCE_METHODS:
         raise LabGuidanceError(f"unknown guidance method {method!r}; choose one of: {', '.join(LAB_GUIDANCE_METHODS)}")
-    defaults = LAB_GUIDANCE_METHODS[method]
+    known = LAB_GUIDANCE_METHODS[method]
     given = parse_options(options, name)
-    unknown = sorted(set(given) - set(defaults))
+    unknown = sorted(set(given) - set(known))
     if unknown:
         raise LabGuidanceError(
             f"guidance method {method!r} has no option {', '.join(map(repr, unknown))}; "
-            f"its options: {', '.join(defaults) or '(none)'}"
+            f"its options: {', '.join(known) or '(none)'}"
         )
-    params = {**defaults, **given}
-    for key, value in params.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise LabGuidanceError(f"{method} {key} must be a number, got {value!r}")
-    if method == "cfg_rescale" and not 0 <= params["phi"] <= 1:
-        raise LabGuidanceError(f"cfg_rescale phi must lie in [0, 1] (0 = plain CFG), got {params['phi']}")
-    if method == "cfg_interval" and not 0 <= params["sigma_low"] < params["sigma_high"]:
-        raise LabGuidanceError(
-            f"cfg_interval needs 0 <= sigma_low < sigma_high, got sigma_low={params['sigma_low']}, "
-            f"sigma_high={params['sigma_high']}"
-        )
-    return method, {key: float(value) for key, value in params.items()}
+    try:
+        stage = plugins.create("guidance", method, **given)
+    except ValueError as err:
+        raise LabGuidanceError(str(err)) from None
+    return method, {key: float(getattr(stage, key)) for key in known}
 
 
 @contextlib.contextmanager

@@ -46,6 +46,7 @@ def test_cfg_interval_is_cfg_inside_and_the_conditional_model_outside(tiny_sdxl_
     ("cfg_rescale:rho=1", "'cfg_rescale' has no option 'rho'; its options: phi"),
     ("cfg_rescale:phi=2", "phi must lie in \\[0, 1\\]"),
     ("cfg_interval:sigma_low=3,sigma_high=1", "sigma_low < sigma_high"),
+    ("cfg_rescale:phi=abc", "cfg_rescale phi must be a finite number"),
 ])
 def test_bad_guidance_methods_are_errors_naming_the_choices(name, message):
     with pytest.raises(LabGuidanceError, match=message):
