@@ -139,8 +139,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="default (the model's), ddim, ddpm, euler, euler_a, dpm++2m, dpm++2m_karras, unipc, "
                            "or minild:<sampler>[:key=value,...] (e.g. minild:dpm_solver_pp, minild:ddim:eta=1)")
     sdxl.add_argument("--guidance-method", default="cfg",
-                      help="cfg, cfg_rescale[:phi=0.7] (diffusers' guidance_rescale) or "
-                           "cfg_interval[:sigma_low=0.28,sigma_high=5.42] (CFG only while sigma_t is in the interval)")
+                      help="cfg, cfg_rescale[:phi=0.7] (diffusers' guidance_rescale), "
+                           "cfg_interval[:sigma_low=0.28,sigma_high=5.42] (CFG only while sigma_t is in the interval), "
+                           "or minild:NAME[:key=value,...] for any guidance stage (e.g. minild:apg)")
     sdxl.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's, 1024x1024 for SDXL)")
     sdxl.add_argument("--out", required=True, help="output folder")
     sdxl.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")

@@ -211,8 +211,9 @@ def run_sdxl_lab(
     ``scheduler``: ``"default"`` (the model's own), a diffusers name (``ddim``, ``euler``,
     ``dpm++2m``, …) or ``minild:<sampler>``, optionally with the sampler's options
     (``minild:ddim:eta=1``). ``guidance_method``: ``"cfg"``, ``"cfg_rescale[:phi=0.7]"`` (diffusers'
-    ``guidance_rescale``) or ``"cfg_interval[:sigma_low=0.28,sigma_high=5.42]"`` (CFG only while σ_t
-    lies in that interval; see ``minild.lab_guidance``). With ``refiner``, the base model denoises until
+    ``guidance_rescale``), ``"cfg_interval[:sigma_low=0.28,sigma_high=5.42]"`` (CFG only while σ_t
+    lies in that interval) or ``"minild:<stage>[:key=value,…]"``, any guidance stage (``minild:apg``);
+    see ``minild.lab_guidance``. With ``refiner``, the base model denoises until
     ``refiner_start`` of the schedule and the refiner finishes. With ``out_dir``, writes the PNGs,
     contact sheets, ``results.json`` and ``index.html`` there. Pass a loaded ``pipe`` (``load_sdxl``) to
     reuse it; it keeps its own device, dtype, memory options and scheduler.

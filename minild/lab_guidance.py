@@ -1,6 +1,8 @@
 """Guidance methods for the SDXL prompt lab on top of diffusers' classifier-free guidance:
 ``cfg`` (plain), ``cfg_rescale`` (diffusers' ``guidance_rescale``) and ``cfg_interval`` (CFG only
-while σ_t lies in an interval), named like minild's guidance stages, with ``:key=value`` options.
+while σ_t lies in an interval), named like minild's guidance stages, with ``:key=value`` options;
+and ``minild:<stage>[:key=value,…]``, any registered guidance stage (``apg``, a plugin's) run
+through a wrapper of the UNet.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import contextlib
 import torch
 
 from minild import plugins
+from minild.config import parse_stage
 from minild.diffusers_adapter import parse_options
+from minild.schedule import NoiseSchedule
 
 # method → the options the lab takes from it; their defaults and checks are those of minild's
 # guidance stage of the same name (plugins/guidance/), which builds and validates them.
@@ -25,11 +29,21 @@ class LabGuidanceError(ValueError):
     """A guidance method name or option the lab cannot use."""
 
 
-def parse_guidance_method(name: str) -> tuple[str, dict[str, float]]:
-    """``"cfg_rescale:phi=0.5"`` → ``("cfg_rescale", {"phi": 0.5})``, defaults filled in and checked."""
+STAGE_PREFIX = "minild:"  # minild:<guidance stage>[:key=value,…]
+
+
+def parse_guidance_method(name: str) -> tuple[str, dict]:
+    """``"cfg_rescale:phi=0.5"`` → ``("cfg_rescale", {"phi": 0.5})``, defaults filled in and checked;
+    ``"minild:apg:eta=0.5"`` → ``("minild:apg", {"eta": 0.5})``, the options as given (checked by
+    building the stage)."""
+    if name.startswith(STAGE_PREFIX):
+        return _parse_stage_method(name)
     method, _, options = name.partition(":")
     if method not in LAB_GUIDANCE_METHODS:
-        raise LabGuidanceError(f"unknown guidance method {method!r}; choose one of: {', '.join(LAB_GUIDANCE_METHODS)}")
+        raise LabGuidanceError(
+            f"unknown guidance method {method!r}; choose one of: {', '.join(LAB_GUIDANCE_METHODS)}, or any "
+            f"guidance stage as {STAGE_PREFIX}<name> ({', '.join(plugins.available('guidance'))})"
+        )
     known = LAB_GUIDANCE_METHODS[method]
     given = parse_options(options, name)
     unknown = sorted(set(given) - set(known))
@@ -45,6 +59,22 @@ def parse_guidance_method(name: str) -> tuple[str, dict[str, float]]:
     return method, {key: float(getattr(stage, key)) for key in known}
 
 
+def _parse_stage_method(name: str) -> tuple[str, dict]:
+    stage, _, options = name[len(STAGE_PREFIX):].partition(":")
+    available = plugins.available("guidance")
+    if stage not in available:
+        raise LabGuidanceError(f"unknown guidance stage {stage!r} in {name!r}; available: {', '.join(available)}")
+    given = parse_options(options, name)
+    if "scale" in given:
+        raise LabGuidanceError(f"{name!r}: the lab sets the guidance scale from its guidance scales; drop scale=")
+    try:  # the option names and types, then the stage's own checks of the values
+        parse_stage("guidance", {"name": stage, **given}, f"guidance method {name!r}", "guidance")
+        plugins.create("guidance", stage, **given)
+    except ValueError as err:
+        raise LabGuidanceError(str(err) if str(err).startswith("guidance method") else f"{name!r}: {err}") from None
+    return STAGE_PREFIX + stage, given
+
+
 @contextlib.contextmanager
 def applied(pipes, name: str):
     """Apply the guidance method ``name`` to the diffusers pipelines ``pipes`` for one run; yields
@@ -57,7 +87,10 @@ def applied(pipes, name: str):
         yield {}
         return
     for pipe in pipes:
-        pipe.unet.forward = _interval_forward(pipe, params["sigma_low"], params["sigma_high"])
+        if method.startswith(STAGE_PREFIX):
+            pipe.unet.forward = _stage_forward(pipe, method[len(STAGE_PREFIX):], params)
+        else:
+            pipe.unet.forward = _interval_forward(pipe, params["sigma_low"], params["sigma_high"])
     try:
         yield {}
     finally:
@@ -93,3 +126,47 @@ def _interval_forward(pipe, sigma_low: float, sigma_high: float):
         return (eps,)
 
     return forward
+
+
+def _stage_forward(pipe, stage: str, params: dict):
+    """The UNet's forward, with a guided batch [uncond; cond] (diffusers' order) mixed by minild's
+    guidance stage ``stage``: both halves run in one forward as usual, the stage's guider turns them
+    into ε̃, and ε̃ is returned for both halves, so the pipeline's own mix ε_u + s (ε_c − ε_u) is ε̃.
+    The guider is bound afresh (its per-run state cleared, the pipeline's current guidance scale
+    taken) whenever the timestep goes up, i.e. at the start of every pipeline call. x_t is the
+    UNet's input (``scale_model_input`` makes it x_t for every scheduler); the guider works in
+    float32. Reading the timestep is one host sync per step, negligible beside an SDXL UNet."""
+    unet = pipe.unet
+    original = type(unet).forward.__get__(unet)
+    schedule = _schedule_of(pipe.scheduler)
+    state = {"guider": None, "timestep": None}
+
+    def forward(sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=None, return_dict=True, **kwargs):
+        output = original(sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=added_cond_kwargs,
+                          return_dict=False, **kwargs)
+        eps = output[0]
+        if pipe.do_classifier_free_guidance and sample.shape[0] % 2 == 0:
+            t = int(round(float(timestep)))
+            if state["guider"] is None or t > state["timestep"]:  # a new pipeline call
+                guidance = plugins.create("guidance", stage, scale=float(pipe.guidance_scale), **params)
+                state["guider"] = guidance.bind(schedule)
+            state["timestep"] = t
+            eps_uncond, eps_cond = eps.float().chunk(2)
+            half = sample.shape[0] // 2
+            t_batch = torch.full((half,), min(max(t, 0), schedule.num_timesteps - 1), device=eps.device)
+            guided = state["guider"](eps_cond, eps_uncond, t=t_batch, x=sample[half:].float()).to(eps.dtype)
+            eps = torch.cat([guided, guided])
+        if return_dict:
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+            return UNet2DConditionOutput(sample=eps)
+        return (eps,)
+
+    return forward
+
+
+def _schedule_of(scheduler) -> NoiseSchedule:
+    """minild's ``NoiseSchedule`` of a diffusers scheduler's ᾱ_t (β_t = 1 − ᾱ_t / ᾱ_{t−1})."""
+    alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64).cpu()
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    return NoiseSchedule.from_betas(1 - alphas_cumprod / previous)

@@ -41,12 +41,37 @@ def test_cfg_interval_is_cfg_inside_and_the_conditional_model_outside(tiny_sdxl_
     assert "forward" not in vars(pipe.unet)  # the UNet's own forward is back
 
 
+def test_minild_stages_through_the_unet_wrapper_match_diffusers_own_guidance(tiny_sdxl_dir, pipe):
+    # The wrapper hands the pipeline ε̃ for both halves, so its CFG mix is ε̃: minild's cfg stage
+    # must then give diffusers' own CFG, and its cfg_rescale diffusers' guidance_rescale.
+    assert np.abs(images(tiny_sdxl_dir, pipe, 5.0, "minild:cfg") - images(tiny_sdxl_dir, pipe, 5.0)).max() <= 1
+    rescaled = images(tiny_sdxl_dir, pipe, 7.0, "minild:cfg_rescale:phi=0.7")
+    assert np.abs(rescaled - images(tiny_sdxl_dir, pipe, 7.0, "cfg_rescale:phi=0.7")).max() <= 1
+    assert "forward" not in vars(pipe.unet)
+
+
+def test_apg_reaches_the_lab_with_its_state_reset_for_every_pipeline_call(tiny_sdxl_dir, pipe):
+    apg = images(tiny_sdxl_dir, pipe, 5.0, "minild:apg:momentum=-0.5")
+    assert np.abs(apg - images(tiny_sdxl_dir, pipe, 5.0)).max() > 0  # not plain CFG
+    # Seeds 0 and 1 drawn one per pipeline call (batch_size=1): the momentum of seed 0's run must
+    # not leak into seed 1's, so each equals its image from the two-seed call above.
+    lab = run_sdxl_lab(tiny_sdxl_dir, "a red cube", guidance_scales=[5.0], seeds=[0, 1], num_inference_steps=3,
+                       guidance_method="minild:apg:momentum=-0.5", pipe=pipe, batch_size=1)
+    one_by_one = np.stack([np.asarray(image.image, dtype=int) for image in lab.images])
+    assert np.abs(one_by_one - apg).max() <= 1
+
+
 @pytest.mark.parametrize("name, message", [
     ("pag", "unknown guidance method 'pag'; choose one of: cfg, cfg_rescale, cfg_interval"),
     ("cfg_rescale:rho=1", "'cfg_rescale' has no option 'rho'; its options: phi"),
     ("cfg_rescale:phi=2", "phi must lie in \\[0, 1\\]"),
     ("cfg_interval:sigma_low=3,sigma_high=1", "sigma_low < sigma_high"),
     ("cfg_rescale:phi=abc", "cfg_rescale phi must be a finite number"),
+    ("apg", "or any guidance stage as minild:<name> \\(apg, cfg, cfg_interval, cfg_rescale\\)"),
+    ("minild:pag", "unknown guidance stage 'pag' in 'minild:pag'; available: apg, cfg"),
+    ("minild:apg:momentum=3", "apg momentum must lie in \\(-1, 1\\)"),
+    ("minild:apg:scale=2", "the lab sets the guidance scale from its guidance scales"),
+    ("minild:apg:rho=1", "unknown key guidance.rho; guidance accepts: scale, momentum, norm_threshold, eta"),
 ])
 def test_bad_guidance_methods_are_errors_naming_the_choices(name, message):
     with pytest.raises(LabGuidanceError, match=message):
