@@ -33,9 +33,10 @@ def loss_readback_interval(config: TrainConfig, device: torch.device) -> int:
 
 # train.compile "auto". Measured on an H200 (benchmarks/README.md, "On a GPU"): the default digit
 # model's Pipeline.train step under "reduce-overhead" (CUDA graphs) trains 2.4–2.5× the images per
-# second of the eager step at batch 64 and at 512, after 40–50 s of compiling on a fresh machine
-# (8 s once inductor's cache is warm); on a CPU compiling did not pay. So "auto" compiles on CUDA
-# for runs planned to last long enough to win that time back several times over.
+# second of the eager step in the same layout at batch 64 and at 512 (about 1.8–2.1× the contiguous
+# eager default, across two runs), after 40–50 s of compiling on a fresh machine (8 s once
+# inductor's cache is warm); on a CPU compiling did not pay. So "auto" compiles on CUDA for runs
+# planned to last long enough to win that time back several times over.
 AUTO_COMPILE_MODE = "reduce-overhead"
 AUTO_COMPILE_MIN_MINUTES = 5.0  # a train.max_minutes budget at least this long …
 AUTO_COMPILE_MIN_STEPS = 20_000  # … and a planned length in steps (max_steps, epochs) at least this long
