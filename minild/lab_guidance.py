@@ -13,7 +13,7 @@ import torch
 
 from minild import plugins
 from minild.config import parse_stage
-from minild.diffusers_adapter import parse_options
+from minild.diffusers_adapter import MINILD_PREFIX, parse_options  # minild:<name>[:key=value,…], as for samplers
 from minild.schedule import NoiseSchedule
 
 # method → the options the lab takes from it; their defaults and checks are those of minild's
@@ -29,20 +29,17 @@ class LabGuidanceError(ValueError):
     """A guidance method name or option the lab cannot use."""
 
 
-STAGE_PREFIX = "minild:"  # minild:<guidance stage>[:key=value,…]
-
-
 def parse_guidance_method(name: str) -> tuple[str, dict]:
     """``"cfg_rescale:phi=0.5"`` → ``("cfg_rescale", {"phi": 0.5})``, defaults filled in and checked;
     ``"minild:apg:eta=0.5"`` → ``("minild:apg", {"eta": 0.5})``, the options as given (checked by
     building the stage)."""
-    if name.startswith(STAGE_PREFIX):
+    if name.startswith(MINILD_PREFIX):
         return _parse_stage_method(name)
     method, _, options = name.partition(":")
     if method not in LAB_GUIDANCE_METHODS:
         raise LabGuidanceError(
             f"unknown guidance method {method!r}; choose one of: {', '.join(LAB_GUIDANCE_METHODS)}, or any "
-            f"guidance stage as {STAGE_PREFIX}<name> ({', '.join(plugins.available('guidance'))})"
+            f"guidance stage as {MINILD_PREFIX}<name> ({', '.join(plugins.available('guidance'))})"
         )
     known = LAB_GUIDANCE_METHODS[method]
     given = parse_options(options, name)
@@ -60,7 +57,7 @@ def parse_guidance_method(name: str) -> tuple[str, dict]:
 
 
 def _parse_stage_method(name: str) -> tuple[str, dict]:
-    stage, _, options = name[len(STAGE_PREFIX):].partition(":")
+    stage, _, options = name[len(MINILD_PREFIX):].partition(":")
     available = plugins.available("guidance")
     if stage not in available:
         raise LabGuidanceError(f"unknown guidance stage {stage!r} in {name!r}; available: {', '.join(available)}")
@@ -72,7 +69,7 @@ def _parse_stage_method(name: str) -> tuple[str, dict]:
         plugins.create("guidance", stage, **given)
     except ValueError as err:
         raise LabGuidanceError(str(err) if str(err).startswith("guidance method") else f"{name!r}: {err}") from None
-    return STAGE_PREFIX + stage, given
+    return MINILD_PREFIX + stage, given
 
 
 @contextlib.contextmanager
@@ -87,8 +84,8 @@ def applied(pipes, name: str):
         yield {}
         return
     for pipe in pipes:
-        if method.startswith(STAGE_PREFIX):
-            pipe.unet.forward = _stage_forward(pipe, method[len(STAGE_PREFIX):], params)
+        if method.startswith(MINILD_PREFIX):
+            pipe.unet.forward = _stage_forward(pipe, method[len(MINILD_PREFIX):], params)
         else:
             pipe.unet.forward = _interval_forward(pipe, params["sigma_low"], params["sigma_high"])
     try:
@@ -119,11 +116,7 @@ def _interval_forward(pipe, sigma_low: float, sigma_high: float):
         output = original(sample[half:], timestep, encoder_hidden_states[half:], *args,
                           added_cond_kwargs=cond_kwargs, return_dict=False, **kwargs)
         eps = torch.cat([output[0], output[0]])
-        if return_dict:
-            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-            return UNet2DConditionOutput(sample=eps)
-        return (eps,)
+        return _unet_output(eps, return_dict)
 
     return forward
 
@@ -156,11 +149,7 @@ def _stage_forward(pipe, stage: str, params: dict):
             t_batch = torch.full((half,), min(max(t, 0), schedule.num_timesteps - 1), device=eps.device)
             guided = state["guider"](eps_cond, eps_uncond, t=t_batch, x=sample[half:].float()).to(eps.dtype)
             eps = torch.cat([guided, guided])
-        if return_dict:
-            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-            return UNet2DConditionOutput(sample=eps)
-        return (eps,)
+        return _unet_output(eps, return_dict)
 
     return forward
 
@@ -170,3 +159,12 @@ def _schedule_of(scheduler) -> NoiseSchedule:
     alphas_cumprod = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64).cpu()
     previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
     return NoiseSchedule.from_betas(1 - alphas_cumprod / previous)
+
+
+def _unet_output(eps: torch.Tensor, return_dict: bool):
+    """What the UNet's own forward returns for ``eps``: its output class, or a 1-tuple."""
+    if not return_dict:
+        return (eps,)
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    return UNet2DConditionOutput(sample=eps)
