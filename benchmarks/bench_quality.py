@@ -1,4 +1,4 @@
-"""Quality per CPU minute: digit accuracy and digit-FID (minild.metrics' evaluator) of the
+"""Quality per CPU minute: digit accuracy and digit-FID (minild.evaluation.metrics' evaluator) of the
 default digit model after 2, 5 and 10 minutes of training, next to the seeds' Lab 2.6.1 recipe
 trained the same minutes. Both are sampled the same way (DDIM-50, classifier-free guidance at
 scales 1, 1.5 and 3), and compared at the scale that gives each its lowest digit-FID. Prints
@@ -28,7 +28,7 @@ from _common import (
     seed_recipe_config,
 )
 from minild.data import load_dataset
-from minild.metrics import classify, digit_features, frechet_distance, load_digit_classifier, mean_accuracy
+from minild.evaluation.metrics import classify, digit_features, frechet_distance, load_digit_classifier, mean_accuracy
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from _common import (
     peak_rss_mib,
     synchronize,
 )
-from minild.conditioning import guided_model_fn
+from minild.pipeline.guidance import cfg_model_fn
 from minild.devices import resolve_batch_size
 
 GUIDANCE_SCALE = 3.0  # plain CFG (guidance="cfg"), as the hand-written diffusers loop it is compared with
@@ -163,7 +163,7 @@ def minild_two_pass(pipe, model, labels, latents, steps) -> torch.Tensor:
     """minild's DDIM sampler driven by the same two-pass guidance."""
     device = next(model.parameters()).device
     labels, latents = labels.to(device), latents.to(device)
-    cond, uncond = guided_model_fn(model, {"class_labels": labels}, {}, 1.0), guided_model_fn(
+    cond, uncond = cfg_model_fn(model, {"class_labels": labels}, {}, 1.0), cfg_model_fn(
         model, {"class_labels": torch.full_like(labels, model.num_classes)}, {}, 1.0)
 
     def two_pass(x, t):

@@ -1,5 +1,5 @@
 """How few DPM-Solver++(2M) steps reach DDIM-50's quality: digit accuracy and digit-FID
-(minild.metrics) of a trained class-conditional run at a few guidance scales, DDIM-50 against
+(minild.evaluation.metrics) of a trained class-conditional run at a few guidance scales, DDIM-50 against
 DPM-Solver++ at several step counts, from the same initial noise. Prints a Markdown table.
 
     python benchmarks/bench_steps.py --run RUN_DIR          # about 5 minutes for 50 digits per class
@@ -14,8 +14,8 @@ import time
 import minild
 from _common import add_device_argument, device_line, machine_line, markdown_table
 from minild.config import StageSpec
-from minild.experiments import run_cfg_digits
-from minild.metrics import load_digit_classifier
+from minild.evaluation.experiments import run_cfg_digits
+from minild.evaluation.metrics import load_digit_classifier
 
 
 def main() -> None:

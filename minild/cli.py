@@ -7,10 +7,11 @@ import os
 import sys
 from pathlib import Path
 
-from minild import checkpoint, plugins, runs
+from minild import plugins
+from minild.training import checkpoint, runs
 from minild.config import plain_value
 from minild.errors import UnavailableError
-from minild.images import grid_conditions, sampling_caption, save_sample_grid
+from minild.pipeline.grids import grid_conditions, sampling_caption, save_sample_grid
 
 # Classifier-free guidance for class-conditional models, in diffusers' convention:
 # 1.0 is the plain conditional model, 3.0 is the paper's w = 2.
@@ -258,7 +259,7 @@ def _train(args) -> int:
 
 def _train_vae(args) -> int:
     from minild.config import load_vae_training_config
-    from minild.vae_training import METRICS_NAME, RECONSTRUCTIONS_NAME, train_vae
+    from minild.training.vae import METRICS_NAME, RECONSTRUCTIONS_NAME, train_vae
 
     config = load_vae_training_config(args.config)
     for key in ("max_steps", "max_minutes", "device"):
@@ -322,9 +323,9 @@ def _plugins(args) -> int:
 
 
 def _experiment(args) -> int:
-    from minild import experiments
+    from minild.evaluation import experiments
     from minild.conditioning import wants_text
-    from minild.metrics import load_digit_classifier
+    from minild.evaluation.metrics import load_digit_classifier
     from minild.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(args.run_dir)
@@ -357,7 +358,7 @@ def _experiment(args) -> int:
 
 
 def _lab_sdxl(args) -> int:
-    from minild.lab import read_prompts, run_sdxl_lab
+    from minild.lab.sdxl import read_prompts, run_sdxl_lab
 
     prompts = args.prompt if args.prompt else read_prompts(args.prompts)
     results = run_sdxl_lab(

@@ -4,7 +4,7 @@ classifier-free guidance."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -73,15 +73,3 @@ class TrainingConditioner:
             kwargs["context"] = torch.where(drop[:, None, None], self.empty_context, context)
         return kwargs
 
-
-def guided_model_fn(model, cond: dict[str, Any], uncond: dict[str, Any], guidance_scale: float):
-    """``model_fn(x, t) -> eps`` with conditioning and classifier-free guidance folded in.
-
-    eps = eps_u + s · (eps_c − eps_u): s = 1 is the conditional model alone and s = 0 the
-    unconditional one (one pass each); the CFG paper's w is s − 1. The registered ``cfg``
-    guidance through ``minild.guidance.guided_model_fn``; other guidance methods go there directly.
-    """
-    from minild import plugins
-    from minild.guidance import guided_model_fn as guide
-
-    return guide(model, cond, uncond, plugins.create("guidance", "cfg", scale=guidance_scale).bind(None))

@@ -64,10 +64,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: typing.Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16: autocast; fp16: autocast + GradScaler, CUDA only
     # The model's memory format in training and in generate(): true, false, or null = where measured
-    # faster (CPUs; CUDA only under train.compile; see minild.train_step.use_channels_last)
+    # faster (CPUs; CUDA only under train.compile; see minild.devices.use_channels_last)
     channels_last: bool | None = None
     # torch.compile of the model in training: auto | off | default | reduce-overhead (CUDA graphs) |
-    # max-autotune; auto = reduce-overhead on CUDA for runs of 5+ minutes, else off (minild.train_step)
+    # max-autotune; auto = reduce-overhead on CUDA for runs of 5+ minutes, else off (minild.training.step)
     compile: typing.Literal["auto", "off", "default", "reduce-overhead", "max-autotune"] = "auto"
     # steps between loss read-backs when no hook takes the loss each step; None: 1 on CPU, 50 on GPUs
     loss_readback_every: int | None = None

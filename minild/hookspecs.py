@@ -72,7 +72,7 @@ def register_samplers(register):
     - returns the final sample ``[B, C, H, W]`` in model space (images in [-1, 1]).
 
     Optionally, the step-wise interface that lets the sampler drive diffusers pipelines
-    (``minild.diffusers_adapter.MinildScheduler``, ``--scheduler minild:<name>[:key=value,…]``):
+    (``minild.lab.scheduler_adapter.MinildScheduler``, ``--scheduler minild:<name>[:key=value,…]``):
 
     - ``timesteps(num_inference_steps) -> list[int]``: the chain, noisiest first (Python ints);
       each call starts a new chain;
@@ -128,7 +128,7 @@ def register_guidances(register):
       on their device; returns the eps the sampler uses, ``[B, C, H, W]`` in their dtype and on
       their device. Both halves come from one batched forward of the model.
 
-    ``minild.guidance.Guidance`` is a base class that implements ``bind``, ``reset`` and the
+    ``minild.pipeline.guidance.Guidance`` is a base class that implements ``bind``, ``reset`` and the
     scale-1 shortcut, and looks σ_t up on the device without a host sync.
     """
 
@@ -186,7 +186,7 @@ def register_trainer_hooks(register):
 
 
 # ---------------------------------------------------------------------------
-# Trainer hooks: called by ``minild.train.Trainer`` during ``Pipeline.train``.
+# Trainer hooks: called by ``minild.training.trainer.Trainer`` during ``Pipeline.train``.
 # ``trainer`` exposes, read-only unless noted:
 #   pipeline, model (the unwrapped nn.Module), optimizer, scheduler (LR), config
 #   (TrainConfig), device, run_dir (Path or None), step (optimizer steps done),
@@ -247,7 +247,7 @@ def minild_train_epoch_end(trainer, epoch, mean_loss):
 @hookspec
 def minild_checkpoint_saved(trainer, path, step):
     """A complete checkpoint of the run after ``step`` optimizer steps now exists at
-    ``path`` (``run_dir/checkpoints/step-000123``, see ``minild.checkpoint``)."""
+    ``path`` (``run_dir/checkpoints/step-000123``, see ``minild.training.checkpoint``)."""
 
 
 @hookspec
@@ -260,7 +260,7 @@ def minild_samples_saved(trainer, path, step, images):
 def minild_train_end(trainer, reason):
     """Training stopped; ``reason`` is ``"max_steps"``, ``"max_minutes"``,
     ``"epochs"``, ``"interrupted (SIGINT)"`` or ``"interrupted (SIGTERM)"`` (Ctrl-C or a
-    kill: the step in progress was finished; ``minild.interrupts.is_interrupt(reason)``),
+    kill: the step in progress was finished; ``minild.training.interrupts.is_interrupt(reason)``),
     a message starting ``"non-finite loss"`` or the text given to ``trainer.request_stop``.
 
     Called inside the signal handling: a second Ctrl-C while hooks run here raises

@@ -8,7 +8,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import minild
-from minild.tiny_sdxl import build_tiny_sdxl, write_tiny_clip_tokenizer
+from minild.lab.tiny_sdxl import build_tiny_sdxl, write_tiny_clip_tokenizer
 
 
 # Tiny versions of every built-in eps-model: a forward pass takes milliseconds.
@@ -83,5 +83,5 @@ def tiny_clip_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory):
     """A random SDXL pipeline with SDXL's layout and scheduler, small enough for 64×64 in a second
-    (``minild.tiny_sdxl.build_tiny_sdxl``, which the prompt-lab notebook runs offline too)."""
+    (``minild.lab.tiny_sdxl.build_tiny_sdxl``, which the prompt-lab notebook runs offline too)."""
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))

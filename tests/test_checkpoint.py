@@ -17,7 +17,7 @@ import torch
 import yaml
 
 import minild
-from minild import checkpoint
+from minild.training import checkpoint
 from minild import io as minild_io
 from minild.cli import main
 from tests.conftest import tiny_config
@@ -166,7 +166,7 @@ import os, signal, sys
 import torch
 sys.path.insert(0, {repo!r})
 torch.set_num_threads({threads})
-from minild import checkpoint
+from minild.training import checkpoint
 from tests.test_checkpoint import run
 
 write = checkpoint._write_synced

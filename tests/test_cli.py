@@ -12,7 +12,7 @@ from PIL import Image
 import minild
 from minild.cli import main
 from minild.config import ConfigError
-from minild.images import grid_conditions
+from minild.pipeline.grids import grid_conditions
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; see tests/conftest.py

@@ -13,8 +13,8 @@ from diffusers import (
 )
 
 import minild
-from minild.diffusers_adapter import MinildScheduler, make_scheduler, parse_scheduler_name, scheduler_names
-from minild.tiny_sdxl import SDXL_BASE_SCHEDULER_CONFIG
+from minild.lab.scheduler_adapter import MinildScheduler, make_scheduler, parse_scheduler_name, scheduler_names
+from minild.lab.tiny_sdxl import SDXL_BASE_SCHEDULER_CONFIG
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models; see tests/conftest.py

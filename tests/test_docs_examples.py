@@ -41,7 +41,7 @@ import pytest
 import yaml
 
 import minild
-from minild import metrics
+from minild.evaluation import metrics
 from minild.config import ConfigError, load_config
 from tests.test_metrics import quick_classifier_cache
 

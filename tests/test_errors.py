@@ -10,7 +10,7 @@ import torch
 import yaml
 
 import minild
-from minild import checkpoint
+from minild.training import checkpoint
 from minild.config import ConfigError, load_config
 from minild.data import ImageTensorDataset
 from minild.io import UnwritableDirectoryError, check_writable_dir

@@ -108,7 +108,7 @@ def test_installed_euler_ancestral_drives_the_sdxl_pipeline_like_diffusers(insta
     and its ``state_scale`` (σ-space state) give diffusers' EulerAncestralDiscreteScheduler's images."""
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
 
-    from minild.diffusers_adapter import make_scheduler, scheduler_names
+    from minild.lab.scheduler_adapter import make_scheduler, scheduler_names
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)

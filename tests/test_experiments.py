@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 import minild
-from minild import metrics
+from minild.evaluation import metrics
 from minild.cli import _parser, main
 from minild.data import load_dataset
-from minild.experiments import (
+from minild.evaluation.experiments import (
     DIGIT_WORDS,
     default_digit_prompts,
     load_prompts_file,

@@ -13,9 +13,9 @@ import torch
 import minild
 from minild import hookimpl
 from minild.config import ConfigError, load_config
-from minild.generation import guidance_spec
-from minild.conditioning import guided_model_fn
-from minild.guidance import noise_levels
+from minild.pipeline.generation import guidance_spec
+from minild.pipeline.guidance import cfg_model_fn
+from minild.pipeline.guidance import noise_levels
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "minild-euler"
 METHODS = ["cfg", "cfg_interval", "cfg_rescale", "apg"]
@@ -372,5 +372,5 @@ def test_a_one_pass_guidance_needs_no_unconditional_arguments():
     model = minild.create("model", "simple_unet", in_channels=1, base_channels=8, num_classes=3)
     model.eval()
     x, t, labels = torch.randn(2, 1, 16, 16), torch.tensor([5, 5]), torch.tensor([0, 2])
-    eps = guided_model_fn(model, {"class_labels": labels}, {}, 1.0)(x, t)  # scale 1: the conditional pass alone
+    eps = cfg_model_fn(model, {"class_labels": labels}, {}, 1.0)(x, t)  # scale 1: the conditional pass alone
     torch.testing.assert_close(eps, model(x, t, class_labels=labels))

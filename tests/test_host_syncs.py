@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import minild
-from minild.conditioning import guided_model_fn
-from minild.guidance import guided_model_fn as guide
-from minild.diffusers_adapter import make_scheduler
-from minild.tiny_sdxl import SDXL_BASE_SCHEDULER_CONFIG
+from minild.pipeline.guidance import cfg_model_fn
+from minild.pipeline.guidance import guided_model_fn as guide
+from minild.lab.scheduler_adapter import make_scheduler
+from minild.lab.tiny_sdxl import SDXL_BASE_SCHEDULER_CONFIG
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,7 +27,7 @@ def guided_unet(name="simple_unet"):
     model = model.to(META).eval()
     cond = {"class_labels": torch.tensor([1, 2], device=META)}
     uncond = {"class_labels": torch.full((2,), 10, device=META)}
-    return guided_model_fn(model, cond, uncond, 3.0)
+    return cfg_model_fn(model, cond, uncond, 3.0)
 
 
 @pytest.mark.parametrize("name, params", SAMPLERS)

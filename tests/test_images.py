@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 import minild
-from minild.images import grid_column_labels, save_labeled_grid
+from minild.images import save_labeled_grid
+from minild.pipeline.grids import grid_column_labels
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from minild import cli
-from minild.lab import LabError, load_sdxl, parse_size, read_prompts, run_sdxl_lab
+from minild.lab.sdxl import LabError, load_sdxl, parse_size, read_prompts, run_sdxl_lab
 
 from .browser import Chromium, find_chromium
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from minild.lab import load_sdxl, run_sdxl_lab
-from minild.lab_guidance import LabGuidanceError, applied, parse_guidance_method
+from minild.lab.sdxl import load_sdxl, run_sdxl_lab
+from minild.lab.guidance import LabGuidanceError, applied, parse_guidance_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

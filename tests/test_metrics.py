@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from minild import metrics
+from minild.evaluation import metrics
 from minild.data import load_dataset
-from minild.metrics import (
+from minild.evaluation.metrics import (
     DigitClassifier,
     classify,
     digit_fid,

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 import minild
-from minild import checkpoint, runs
+from minild.training import checkpoint, runs
 from minild.cli import main
 from minild_plugins.trainer_hooks import checkpointing
 from tests.conftest import tiny_config

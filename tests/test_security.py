@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import minild
-from minild import checkpoint
+from minild.training import checkpoint
 from minild.cli import main
 from minild.config import ConfigError, load_config
 from tests.conftest import tiny_config

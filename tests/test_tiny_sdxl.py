@@ -5,8 +5,8 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from minild.lab import load_sdxl
-from minild.tiny_sdxl import SDXL_BASE_SCHEDULER_CONFIG, build_tiny_sdxl
+from minild.lab.sdxl import load_sdxl
+from minild.lab.tiny_sdxl import SDXL_BASE_SCHEDULER_CONFIG, build_tiny_sdxl
 
 
 def weights(directory):

@@ -19,10 +19,10 @@ from PIL import Image
 
 import minild
 from minild import plugins
-from minild.checkpoint import list_checkpoints, read_checkpoint
+from minild.training.checkpoint import list_checkpoints, read_checkpoint
 from minild.config import ConfigError, load_config
 from minild.data import ImageTensorDataset, load_dataset
-from minild.train import lr_factor
+from minild.training.trainer import lr_factor
 from tests.conftest import tiny_config
 
 

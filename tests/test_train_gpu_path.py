@@ -9,7 +9,8 @@ import torch
 
 import minild
 from minild.config import TrainConfig
-from minild.train_step import compile_model, loss_readback_interval, resolve_compile, use_channels_last
+from minild.devices import use_channels_last
+from minild.training.step import compile_model, loss_readback_interval, resolve_compile
 from tests.conftest import tiny_config
 from tests.test_train import PoisonBeforeCheckpoint, train
 
@@ -162,7 +163,7 @@ class FailsToCompile(torch.nn.Module):
 def test_an_auto_compile_that_fails_trains_the_model_uncompiled(monkeypatch):
     _, eager = train(max_steps=3, compile="off")
     monkeypatch.setattr(torch, "compile", lambda model, mode=None: FailsToCompile(model))
-    monkeypatch.setattr("minild.train.resolve_compile",  # as on a CUDA machine
+    monkeypatch.setattr("minild.training.trainer.resolve_compile",  # as on a CUDA machine
                         lambda config, *args: "reduce-overhead" if config.compile == "auto" else config.compile)
     with pytest.warns(UserWarning, match="torch.compile could not compile the model .RuntimeError: BackendCompiler"):
         _, result = train(max_steps=3)

@@ -176,7 +176,7 @@ def test_train_vae_config_rejects_unknown_keys():
 
 
 def test_train_vae_refuses_a_vae_it_cannot_train(tiny_autoencoder_kl_dir):
-    from minild.vae_training import train_vae
+    from minild.training.vae import train_vae
 
     config = load_vae_training_config({
         "vae": {"name": "autoencoder_kl", "pretrained": str(tiny_autoencoder_kl_dir)}, "train": {"max_steps": 1},

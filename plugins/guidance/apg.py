@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from minild.guidance import Guidance, check_number
+from minild.pipeline.guidance import Guidance, check_number
 
 
 class AdaptiveProjectedGuidance(Guidance):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from minild.guidance import Guidance
+from minild.pipeline.guidance import Guidance
 
 
 class ClassifierFreeGuidance(Guidance):

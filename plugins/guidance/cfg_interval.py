@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from minild.guidance import Guidance, check_number
+from minild.pipeline.guidance import Guidance, check_number
 
 
 class IntervalGuidance(Guidance):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 import warnings
 
-from minild import checkpoint, hookimpl
+from minild import hookimpl
+from minild.training import checkpoint
 from minild_plugins.trainer_hooks.common import check_counts, every
 
 
 class Checkpointing:
-    """Saves a checkpoint (``minild.checkpoint``) every ``every_steps`` steps, every
+    """Saves a checkpoint (``minild.training.checkpoint``) every ``every_steps`` steps, every
     ``every_epochs`` epochs, every ``every_minutes`` minutes of training (checked after each
     step, so a kill loses at most that much) and, with ``at_end``, when training stops; keeps
     the ``keep_last`` newest (all when null). Never writes NaN or inf weights: it stops the run

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
-from minild import checkpoint, hookimpl, plugins
-from minild.images import grid_conditions, sampling_caption, save_sample_grid
+from minild import hookimpl, plugins
+from minild.training import checkpoint
+from minild.pipeline.grids import grid_conditions, sampling_caption, save_sample_grid
 from minild_plugins.trainer_hooks.common import check_counts, every
 
 

@@ -13,7 +13,7 @@ import torch
 
 from minild import plugins
 from minild.config import parse_stage
-from minild.diffusers_adapter import MINILD_PREFIX, parse_options  # minild:<name>[:key=value,…], as for samplers
+from minild.lab.scheduler_adapter import MINILD_PREFIX, parse_options  # minild:<name>[:key=value,…], as for samplers
 from minild.schedule import NoiseSchedule
 
 # method → the options the lab takes from it; their defaults and checks are those of minild's

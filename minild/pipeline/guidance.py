@@ -1,5 +1,6 @@
 """Guidance: how the conditional and unconditional eps of one step become the eps a sampler
-uses. The base class the built-in guidance plugins share, and the guided ``model_fn``."""
+uses. The base class the built-in guidance plugins share, and the guided ``model_fn`` (any
+guidance stage, or plain classifier-free guidance at a scale)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 
+from minild import plugins
 from minild.schedule import NoiseSchedule
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -127,3 +129,10 @@ def guided_model_fn(model, cond: dict[str, Any], uncond: dict[str, Any], guider)
 
     guided.takes_timestep = True
     return guided
+
+
+def cfg_model_fn(model, cond: dict[str, Any], uncond: dict[str, Any], guidance_scale: float) -> ModelFn:
+    """``guided_model_fn`` with the registered ``cfg`` guidance at ``guidance_scale``:
+    eps = eps_u + s · (eps_c − eps_u). s = 1 is the conditional model alone and s = 0 the
+    unconditional one (one pass each); the CFG paper's w is s − 1."""
+    return guided_model_fn(model, cond, uncond, plugins.create("guidance", "cfg", scale=guidance_scale).bind(None))

@@ -14,10 +14,8 @@ import torch
 from minild import plugins
 from minild.conditioning import wants_classes, wants_text
 from minild.config import StageSpec, parse_stage
-from minild.devices import resolve_batch_size
-from minild.guidance import check_scale, guided_model_fn
-from minild.train import resolve_device
-from minild.train_step import use_channels_last
+from minild.devices import resolve_batch_size, resolve_device, use_channels_last
+from minild.pipeline.guidance import check_scale, guided_model_fn
 
 DEFAULT_NUM_INFERENCE_STEPS = 50  # for samplers that configure no num_inference_steps of their own
 OUTPUT_TYPES = ("pt", "np", "pil")
@@ -222,7 +220,7 @@ def generate(pipe, num_images=None, *, class_labels=None, prompts=None, guidance
     chunk_size = resolve_batch_size(batch_size, num_images, run_device, model, pipe.image_shape)
     chunks = []
     # By default channels_last on CPUs (1.3× per forward) and not on GPUs, where the eager model
-    # sampled 1.25× faster in its contiguous layout (minild.train_step.use_channels_last); only
+    # sampled 1.25× faster in its contiguous layout (minild.devices.use_channels_last); only
     # float rounding changes.
     channels_last = use_channels_last(pipe.config.train.channels_last, run_device, compiled=False)
     with memory_format(model, torch.channels_last if channels_last else None):

@@ -14,12 +14,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from minild import generation, plugins
+from minild import plugins
+from minild.pipeline import generation
 from minild.conditioning import wants_text
 from minild.config import PipelineConfig, StageSpec, load_config
 from minild.data import known_class_names
 from minild.io import load_weights, save_weights
-from minild.train import Trainer, TrainResult
+from minild.training.trainer import Trainer, TrainResult
 
 CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from minild.config import TrainConfig
 
 if TYPE_CHECKING:
-    from minild.train import Trainer
+    from minild.training.trainer import Trainer
 
 # Steps between loss read-backs on an accelerator when no hook needs the loss every step: each
 # read-back waits for the device to finish, so reading every step keeps the CPU from queueing ahead.
@@ -54,19 +54,6 @@ def resolve_compile(config: TrainConfig, device: torch.device, total_steps: int 
     long_in_time = config.max_minutes is None or config.max_minutes >= AUTO_COMPILE_MIN_MINUTES
     long_in_steps = total_steps is None or total_steps >= AUTO_COMPILE_MIN_STEPS
     return AUTO_COMPILE_MODE if long_in_time and long_in_steps else "off"
-
-
-def use_channels_last(setting: bool | None, device: torch.device, compiled: bool) -> bool:
-    """``train.channels_last`` for a model on ``device``: as configured, or for None where it was
-    measured faster: on CPUs (an inference forward 1.3× faster, benchmarks/README.md) and on CUDA
-    under torch.compile (the layout of the measured compiled step); not for the eager model on
-    CUDA, where the contiguous layout trained 1.15–1.35× and sampled 1.25× faster on an H200, nor
-    on MPS, which does not take it."""
-    if device.type == "mps":
-        return False
-    if setting is not None:
-        return setting
-    return device.type == "cpu" or (device.type == "cuda" and compiled)
 
 
 def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:

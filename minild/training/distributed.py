@@ -9,17 +9,7 @@ import os
 
 import torch
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
-        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
-    return torch.device(name)
+from minild.devices import resolve_device
 
 
 class Processes:

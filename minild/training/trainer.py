@@ -17,14 +17,16 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from minild import checkpoint, plugins, runs
+from minild import plugins
+from minild.training import checkpoint, runs
 from minild.conditioning import TrainingConditioner, wants_classes
-from minild.batches import BatchSource
+from minild.training.batches import BatchSource
 from minild.config import TrainConfig, parse_stage
-from minild.distributed import Processes, resolve_device
-from minild.interrupts import is_interrupt, stop_on_signals
+from minild.devices import resolve_device, use_channels_last
+from minild.training.distributed import Processes
+from minild.training.interrupts import is_interrupt, stop_on_signals
 from minild.io import check_writable_dir
-from minild.train_step import TrainStep, compile_model, loss_readback_interval, resolve_compile, use_channels_last
+from minild.training.step import TrainStep, compile_model, loss_readback_interval, resolve_compile
 
 if TYPE_CHECKING:
     from minild.pipeline import Pipeline
@@ -50,7 +52,7 @@ class Trainer:
 
     ``resume``: a run directory (continue from its newest complete checkpoint) or one
     checkpoint directory; ``run_dir`` then defaults to that run directory. A ``run_dir`` that
-    holds another run (``minild.runs.read_run``) is refused unless the trainer resumes that
+    holds another run (``minild.training.runs.read_run``) is refused unless the trainer resumes that
     run or ``overwrite`` deletes it first.
     """
 
@@ -89,7 +91,7 @@ class Trainer:
         self.steps_per_epoch = 0
         self.total_steps: int | None = None
         self.dataset_size = 0
-        self.compile_mode = "off"  # train.compile as resolved for this run (minild.train_step.resolve_compile)
+        self.compile_mode = "off"  # train.compile as resolved for this run (minild.training.step.resolve_compile)
         self.losses: list[float] = []
         self.epoch_losses: list[float] = []
         # Where the run is in the current epoch: its permutation of the dataset (None
@@ -119,7 +121,7 @@ class Trainer:
             self._stop_reason = reason
 
     def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint into ``run_dir/checkpoints`` (see ``minild.checkpoint``) and
+        """Write a checkpoint into ``run_dir/checkpoints`` (see ``minild.training.checkpoint``) and
         call ``minild_checkpoint_saved``; on a multi-process run only the main process writes
         (the others return None). Raises ``CheckpointError`` for NaN or inf weights."""
         if not self.is_main_process:
@@ -259,7 +261,7 @@ class Trainer:
     def _train(self, batches: "BatchSource", train_step: TrainStep, pm) -> None:
         accumulation = self.config.grad_accumulation_steps
         # Hooks that name ``loss`` get a float every step (one host sync per step on a GPU); else
-        # losses stay on the device and are read back every ``readback`` steps (minild.train_step).
+        # losses stay on the device and are read back every ``readback`` steps (minild.training.step).
         hooks_need_loss = any("loss" in impl.argnames for impl in pm.hook.minild_train_step_end.get_hookimpls())
         readback = 1 if hooks_need_loss else loss_readback_interval(self.config, self.device)
         self._check_budget()

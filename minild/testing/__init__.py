@@ -2,7 +2,7 @@
 plugin subclasses to check itself against the contract in ``minild.hookspecs``.
 
 Subclass one of ``ScheduleConformance``, ``ModelConformance``, ``SamplerConformance``,
-``GuidanceConformance`` (defined in ``minild.guidance_conformance``) in a
+``GuidanceConformance`` (defined in ``minild.testing.guidance``) in a
 module pytest collects, name the subclass ``Test…`` and set ``name`` (the registered name)
 and ``params`` (small keyword arguments, so the checks run in seconds)::
 
@@ -27,8 +27,8 @@ import pytest
 import torch
 
 import minild
-from minild.conditioning import guided_model_fn
-from minild.conformance import (  # noqa: F401  (helpers re-exported for plugin tests)
+from minild.pipeline.guidance import cfg_model_fn
+from minild.testing.base import (  # noqa: F401  (helpers re-exported for plugin tests)
     DEVICES,
     PLAIN_DATA,
     Conformance as _Conformance,
@@ -37,8 +37,8 @@ from minild.conformance import (  # noqa: F401  (helpers re-exported for plugin 
     seeded,
     toy_eps,
 )
-from minild.guidance_conformance import GuidanceConformance  # noqa: F401
-from minild.testing_stepwise import StepwiseSamplerChecks
+from minild.testing.guidance import GuidanceConformance  # noqa: F401
+from minild.testing.stepwise import StepwiseSamplerChecks
 
 # ---------------------------------------------------------------------------- schedules
 
@@ -206,7 +206,7 @@ class ModelConformance(_Conformance):
         labels = torch.arange(len(x)) % self.num_classes
         cond, uncond = {"class_labels": labels}, {"class_labels": torch.full_like(labels, self.num_classes)}
         with torch.no_grad():
-            guided = guided_model_fn(model, cond, uncond, guidance_scale)(x, t)
+            guided = cfg_model_fn(model, cond, uncond, guidance_scale)(x, t)
             eps_cond, eps_uncond = model(x, t, **cond), model(x, t, **uncond)
         expected = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         torch.testing.assert_close(guided, expected, rtol=1e-4, atol=10 * self.tolerance)

@@ -16,8 +16,8 @@ import torch
 from minild import plugins
 from minild.config import VAETrainingConfig
 from minild.data import load_dataset
+from minild.devices import resolve_device
 from minild.images import save_labeled_grid
-from minild.train import resolve_device
 
 RECONSTRUCTIONS_NAME = "reconstructions.png"
 METRICS_NAME = "metrics.json"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from minild.testing.base import seeded, toy_eps
+
 
 class StepwiseSamplerChecks:
     """Driving ``timesteps`` and ``step`` by hand, as ``MinildScheduler`` does inside a diffusers
@@ -25,8 +27,6 @@ class StepwiseSamplerChecks:
         assert all(a > b for a, b in zip(timesteps, timesteps[1:])), "the chain must run from noisy to clean"
 
     def test_step_by_step_equals_sample(self):
-        from minild.testing import seeded, toy_eps
-
         latents = torch.randn(self.shape, generator=seeded(1))
         expected = self.make().sample(toy_eps, self.shape, num_inference_steps=self.num_inference_steps,
                                       latents=latents.clone(), generator=seeded(2))

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import minild
-from minild.conformance import DEVICES, Conformance, check_plain_keyword_params, seeded
+from minild.testing.base import DEVICES, Conformance, check_plain_keyword_params, seeded
 
 
 class GuidanceConformance(Conformance):

@@ -16,8 +16,9 @@ from diffusers.utils import deprecation_utils
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
-from minild.diffusers_adapter import check_scheduler_name, make_scheduler
-from minild.lab_guidance import applied, parse_guidance_method
+from minild.devices import resolve_device
+from minild.lab.scheduler_adapter import check_scheduler_name, make_scheduler
+from minild.lab.guidance import applied, parse_guidance_method
 
 # diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns).
 _DTYPE_KEYWORD = "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
@@ -71,16 +72,6 @@ class LabResults:
 
 
 # --- Loading ----------------------------------------------------------------------------------
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 def load_sdxl(model: str | Path, *, device: str = "auto", dtype: str = "auto", memory: Sequence[str] = ()):
@@ -213,7 +204,7 @@ def run_sdxl_lab(
     (``minild:ddim:eta=1``). ``guidance_method``: ``"cfg"``, ``"cfg_rescale[:phi=0.7]"`` (diffusers'
     ``guidance_rescale``), ``"cfg_interval[:sigma_low=0.28,sigma_high=5.42]"`` (CFG only while σ_t
     lies in that interval) or ``"minild:<stage>[:key=value,…]"``, any guidance stage (``minild:apg``);
-    see ``minild.lab_guidance``. With ``refiner``, the base model denoises until
+    see ``minild.lab.guidance``. With ``refiner``, the base model denoises until
     ``refiner_start`` of the schedule and the refiner finishes. With ``out_dir``, writes the PNGs,
     contact sheets, ``results.json`` and ``index.html`` there. Pass a loaded ``pipe`` (``load_sdxl``) to
     reuse it; it keeps its own device, dtype, memory options and scheduler.
@@ -370,7 +361,7 @@ def slug(text: str, max_length: int = 40) -> str:
 
 def write_results(results: LabResults, out_dir: str | Path) -> Path:
     """PNGs under ``images/``, contact sheets under ``grids/``, then ``results.json`` and ``index.html``."""
-    from minild.gallery import write_gallery
+    from minild.lab.gallery import write_gallery
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

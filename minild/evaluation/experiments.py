@@ -1,4 +1,4 @@
-"""Experiments that measure a trained digit pipeline with the digit classifier of ``minild.metrics``:
+"""Experiments that measure a trained digit pipeline with the digit classifier of ``minild.evaluation.metrics``:
 class accuracy and digit-FID across guidance scales, and how often a prompt yields its digit.
 """
 
@@ -13,15 +13,16 @@ from typing import Callable, Sequence
 import torch
 
 from minild.data import load_dataset
-from minild.guidance_frontier import (
+from minild.evaluation.frontier import (
     check_methods,
     count_model_evaluations,
     guidance_name,
     plot_frontier,
     sampler_name,
 )
-from minild.images import inference_steps, save_labeled_grid
-from minild.metrics import (
+from minild.images import save_labeled_grid
+from minild.pipeline.grids import inference_steps
+from minild.evaluation.metrics import (
     DigitClassifier,
     classify,
     digit_features,
@@ -80,7 +81,7 @@ def run_cfg_digits(
     of two-pass guidance; None when the pipeline's model is not a torch module). With ``out_dir``,
     writes ``grid.png`` (rows: digits 0–9; one block of ``grid_per_class`` columns per cell,
     headed "method · scale"), ``results.csv``, ``results.md`` and ``frontier.png``
-    (``minild.guidance_frontier.plot_frontier``).
+    (``minild.evaluation.frontier.plot_frontier``).
     """
     num_classes = getattr(pipeline.model, "num_classes", None)
     if num_classes != NUM_DIGITS:

@@ -41,7 +41,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 if TYPE_CHECKING:
-    from minild.train import Trainer
+    from minild.training.trainer import Trainer
 
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST_NAME = "trainer.json"

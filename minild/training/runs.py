@@ -12,9 +12,9 @@ from typing import Any, Literal
 
 import yaml
 
-from minild import checkpoint
+from minild.training import checkpoint
 from minild.config import PipelineConfig
-from minild.interrupts import is_interrupt
+from minild.training.interrupts import is_interrupt
 from minild.io import atomic_write
 
 RUN_STATE_NAME = "run.json"
