@@ -235,15 +235,16 @@ def run_sdxl_lab(
     _check_run_arguments(prompts, guidance_scales, num_inference_steps, seeds, batch_size, refiner_start)
     check_scheduler_name(scheduler)
     parse_guidance_method(guidance_method)
+    inputs = read_edit_inputs(image, mask, strength, num_inference_steps=num_inference_steps,
+                              refiner_start=None if refiner is None else refiner_start)
     if pipe is None:
         pipe = load_sdxl(model, device=device, dtype=dtype, memory=memory)
     refiner_pipe = None
     if refiner is not None:
         refiner_pipe = _load_refiner(refiner, pipe, device=device, dtype=dtype, memory=memory)
     width, height = parse_size(size) or (pipe.default_sample_size * pipe.vae_scale_factor,) * 2
-    inputs = read_edit_inputs(image, mask, strength, num_inference_steps=num_inference_steps, width=width,
-                              height=height)
-    pipe, refiner_pipe, notes = editing_pipelines(pipe, refiner_pipe, inputs, refiner_start)
+    inputs = inputs and inputs.resized(width, height)
+    pipe, refiner_pipe, notes = editing_pipelines(pipe, refiner_pipe, inputs)
     base = LabImage(
         prompt="", prompt_index=0, negative_prompt=negative_prompt, seed=0, guidance_scale=0.0,
         num_inference_steps=num_inference_steps, scheduler=scheduler, width=width, height=height,

@@ -5,7 +5,7 @@ repaint (inpainting), read and checked, and the diffusers SDXL pipeline that edi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,23 @@ class EditError(ValueError):
 
 @dataclass
 class EditInputs:
-    """What an edit starts from, already at the lab's size (``image`` RGB, ``mask`` L or None)."""
+    """What an edit starts from: ``image`` (RGB) and ``mask`` (L, or None), as read or ``resized``."""
 
     image: Image.Image
     mask: Image.Image | None
     strength: float
     image_source: str  # the path it was read from, or "<PIL image>"
     mask_source: str | None
+
+    def resized(self, width: int, height: int) -> EditInputs:
+        """Both stretched to ``width`` × ``height`` as diffusers' ``VaeImageProcessor.resize`` does by
+        default: Lanczos, the aspect ratio not kept, nothing cropped (the inpaint pipeline then
+        binarizes the grey mask at 0.5)."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        resize = VaeImageProcessor().resize  # the processor every SDXL pipeline resizes its inputs with
+        return replace(self, image=resize(self.image, height, width),
+                       mask=None if self.mask is None else resize(self.mask, height, width))
 
     @property
     def task(self) -> str:
@@ -79,17 +89,14 @@ def read_image(source: str | Path | Image.Image, what: str = "image") -> tuple[I
     return image, str(path)
 
 
-def read_edit_inputs(image, mask, strength: float | None, *, num_inference_steps: int, width: int,
-                     height: int) -> EditInputs | None:
-    """Read and check an edit's inputs; None when there is no ``image`` (plain text-to-image).
+def read_edit_inputs(image, mask, strength: float | None, *, num_inference_steps: int,
+                     refiner_start: float | None = None) -> EditInputs | None:
+    """Read and check an edit's inputs before any model loads; None without an ``image`` (text-to-image).
 
-    Both are stretched to ``width`` × ``height`` as diffusers' ``VaeImageProcessor.resize`` does by
-    default (Lanczos, the aspect ratio not kept, nothing cropped); the image becomes RGB, the mask
-    L (grey), which the inpaint pipeline binarizes at 0.5: white is regenerated, black kept. A mask
-    must have the image's own size. ``strength`` None: 0.6 for img2img, 1.0 for inpainting.
+    The image becomes RGB, the mask L (grey; white is regenerated, black kept) and must have the
+    image's own size. ``strength`` None: 0.6 for img2img, 1.0 for inpainting. ``refiner_start``:
+    where a refiner takes over (None: no refiner).
     """
-    from diffusers.image_processor import VaeImageProcessor
-
     if image is None:
         if mask is not None:
             raise EditError("a mask needs the image it masks: pass --image IMG with --mask MASK "
@@ -99,20 +106,25 @@ def read_edit_inputs(image, mask, strength: float | None, *, num_inference_steps
         return None
     strength = (STRENGTH_INPAINT if mask is not None else STRENGTH_IMG2IMG) if strength is None else strength
     check_strength(strength, num_inference_steps)
+    if refiner_start is not None and mask is not None:
+        raise EditError("--refiner does not combine with --mask: the inpainting refiner gets the base model's "
+                        "half-denoised latents as its 'original' and would put them, noise and all, back "
+                        "outside the mask; inpaint without --refiner, then refine the result with --image alone")
+    if refiner_start is not None and strength <= 1 - refiner_start:
+        raise EditError(f"strength {strength:g} starts the edit at {1 - strength:g} of the schedule, at or after "
+                        f"the refiner's start {refiner_start:g}: the base model would not run; raise strength "
+                        f"above {1 - refiner_start:g} or lower refiner_start below {strength:g}")
     picture, image_source = read_image(image, "image")
     mask_picture, mask_source = read_image(mask, "mask") if mask is not None else (None, None)
     if mask_picture is not None and mask_picture.size != picture.size:
         raise EditError(f"mask {mask_source} is {mask_picture.size[0]}x{mask_picture.size[1]} but image "
                         f"{image_source} is {picture.size[0]}x{picture.size[1]}; draw the mask on the image's "
                         "own size (white = regenerate, black = keep)")
-    resize = VaeImageProcessor().resize  # the processor every SDXL pipeline resizes its inputs with
-    picture = resize(picture.convert("RGB"), height, width)
-    if mask_picture is not None:
-        mask_picture = resize(mask_picture.convert("L"), height, width)
-    return EditInputs(picture, mask_picture, float(strength), image_source, mask_source)
+    mask_picture = None if mask_picture is None else mask_picture.convert("L")
+    return EditInputs(picture.convert("RGB"), mask_picture, float(strength), image_source, mask_source)
 
 
-def editing_pipelines(pipe, refiner_pipe, inputs: EditInputs | None, refiner_start: float):
+def editing_pipelines(pipe, refiner_pipe, inputs: EditInputs | None):
     """The pipelines that run this edit: ``(base, refiner, notes)``.
 
     Without ``inputs`` the loaded ones. Otherwise ``StableDiffusionXLImg2ImgPipeline`` or
@@ -131,14 +143,6 @@ def editing_pipelines(pipe, refiner_pipe, inputs: EditInputs | None, refiner_sta
     if inputs.mask is None and in_channels != 4:
         raise EditError(f"the model's UNet takes {in_channels} input channels, an inpainting UNet: add --mask MASK "
                         "(white = regenerate) or use a text-to-image SDXL model for img2img")
-    if refiner_pipe is not None and inputs.mask is not None:
-        raise EditError("--refiner does not combine with --mask: the inpainting refiner gets the base model's "
-                        "half-denoised latents as its 'original' and would put them, noise and all, back "
-                        "outside the mask; inpaint without --refiner, then refine the result with --image alone")
-    if refiner_pipe is not None and inputs.strength <= 1 - refiner_start:
-        raise EditError(f"strength {inputs.strength:g} starts the edit at {1 - inputs.strength:g} of the schedule, "
-                        f"at or after the refiner's start {refiner_start:g}: the base model would not run; raise "
-                        f"strength above {1 - refiner_start:g} or lower refiner_start below {inputs.strength:g}")
     if inputs.mask is None:
         return StableDiffusionXLImg2ImgPipeline.from_pipe(pipe), refiner_pipe, []
     return StableDiffusionXLInpaintPipeline.from_pipe(pipe), None, [NOTE_4_CHANNEL_INPAINT] if in_channels == 4 else []
