@@ -243,7 +243,8 @@ def run_sdxl_lab(
     if refiner is not None:
         refiner_pipe = _load_refiner(refiner, pipe, device=device, dtype=dtype, memory=memory)
     width, height = parse_size(size) or (pipe.default_sample_size * pipe.vae_scale_factor,) * 2
-    inputs = inputs and inputs.resized(width, height)
+    if inputs is not None:
+        inputs = inputs.resized(width, height)
     pipe, refiner_pipe, notes = editing_pipelines(pipe, refiner_pipe, inputs)
     base = LabImage(
         prompt="", prompt_index=0, negative_prompt=negative_prompt, seed=0, guidance_scale=0.0,
