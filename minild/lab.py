@@ -18,7 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from minild.diffusers_adapter import check_scheduler_name, make_scheduler
 from minild.gallery import contact_sheet, write_gallery
-from minild.lab_editing import edit_settings, editing_pipelines, read_edit_inputs, write_inputs
+from minild.lab_editing import edit_settings, editing_pipelines, quiet_dtype_casts, read_edit_inputs, write_inputs
 from minild.lab_guidance import applied, parse_guidance_method
 
 # diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns).
@@ -260,7 +260,7 @@ def run_sdxl_lab(
             if scheduler != "default":
                 p.scheduler = make_scheduler(scheduler, p.scheduler.config)
         scheduler_class = type(pipe.scheduler).__name__
-        with applied(pipes, guidance_method) as extra:
+        with applied(pipes, guidance_method) as extra, quiet_dtype_casts():
             images = _generate_all(pipe, refiner_pipe, base, prompts, guidance_scales, seeds, batch_size,
                                    refiner_start, extra, inputs.call_arguments() if inputs else {})
     finally:

@@ -4,7 +4,9 @@ repaint (inpainting), read and checked, and the diffusers SDXL pipeline that edi
 
 from __future__ import annotations
 
+import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -143,9 +145,12 @@ def editing_pipelines(pipe, refiner_pipe, inputs: EditInputs | None):
     if inputs.mask is None and in_channels != 4:
         raise EditError(f"the model's UNet takes {in_channels} input channels, an inpainting UNet: add --mask MASK "
                         "(white = regenerate) or use a text-to-image SDXL model for img2img")
+    pipeline_class = StableDiffusionXLImg2ImgPipeline if inputs.mask is None else StableDiffusionXLInpaintPipeline
+    with quiet_dtype_casts():
+        editing = pipeline_class.from_pipe(pipe)
     if inputs.mask is None:
-        return StableDiffusionXLImg2ImgPipeline.from_pipe(pipe), refiner_pipe, []
-    return StableDiffusionXLInpaintPipeline.from_pipe(pipe), None, [NOTE_4_CHANNEL_INPAINT] if in_channels == 4 else []
+        return editing, refiner_pipe, []
+    return editing, None, [NOTE_4_CHANNEL_INPAINT] if in_channels == 4 else []
 
 
 def edit_settings(inputs: EditInputs | None) -> dict[str, Any]:
@@ -167,3 +172,18 @@ def write_inputs(inputs: EditInputs | None, out_dir: Path) -> dict[str, str]:
         paths["mask"] = "inputs/mask.png"
         inputs.mask.save(out_dir / paths["mask"])
     return paths
+
+
+@contextmanager
+def quiet_dtype_casts():
+    """Silence diffusers' "modules ... should be kept in float32" warning, meant for casts after
+    loading: ``from_pipe`` casts every module to the dtype it already has, and the img2img and
+    inpaint pipelines cast the VAE to float32 and back on purpose (``force_upcast``) in every call,
+    so it would repeat once per module and batch."""
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
