@@ -153,6 +153,10 @@ def _parser() -> argparse.ArgumentParser:
     sdxl.add_argument("--refiner-start", type=float, default=0.8,
                       help="fraction of the schedule the base model runs before the refiner takes over")
     sdxl.add_argument("--batch-size", type=int, default=4, help="seeds generated together")
+    sdxl.add_argument("--image", default=None, help="PNG/JPEG to edit (img2img, SDEdit), stretched to --size")
+    sdxl.add_argument("--mask", default=None, help="L-mode PNG of --image's size: white = regenerate (inpainting)")
+    sdxl.add_argument("--strength", type=float, default=None,
+                      help="fraction of the schedule to redo, int(steps*strength) steps (default 0.6, 1 with --mask)")
     sdxl.set_defaults(run=_lab_sdxl)
     return parser
 
@@ -364,9 +368,13 @@ def _lab_sdxl(args) -> int:
     results = run_sdxl_lab(
         args.model, prompts, negative_prompt=args.negative, guidance_scales=args.guidance,
         num_inference_steps=args.steps, seeds=args.seeds, scheduler=args.scheduler,
-        guidance_method=args.guidance_method, size=args.size, out_dir=args.out, device=args.device, dtype=args.dtype, memory=args.memory, refiner=args.refiner,
-        refiner_start=args.refiner_start, batch_size=args.batch_size, progress=True,
+        guidance_method=args.guidance_method, size=args.size, out_dir=args.out, device=args.device, dtype=args.dtype,
+        memory=args.memory, refiner=args.refiner,
+        refiner_start=args.refiner_start, batch_size=args.batch_size, image=args.image, mask=args.mask,
+        strength=args.strength, progress=True,
     )
+    for note in results.settings["notes"]:
+        print(f"note: {note}")
     seconds = sum(image.seconds for image in results.images)
     print(f"generated {len(results.images)} images in {seconds:.1f}s on {results.settings['device']} "
           f"({results.settings['scheduler_class']})")

@@ -147,7 +147,8 @@ def _stage_forward(pipe, stage: str, params: dict):
             eps_uncond, eps_cond = eps.float().chunk(2)
             half = sample.shape[0] // 2
             t_batch = torch.full((half,), min(max(t, 0), schedule.num_timesteps - 1), device=eps.device)
-            guided = state["guider"](eps_cond, eps_uncond, t=t_batch, x=sample[half:].float()).to(eps.dtype)
+            x = sample[half:, :eps.shape[1]].float()  # an inpainting UNet's input is [x_t; mask; masked image]
+            guided = state["guider"](eps_cond, eps_uncond, t=t_batch, x=x).to(eps.dtype)
             eps = torch.cat([guided, guided])
         return _unet_output(eps, return_dict)
 

@@ -13,12 +13,14 @@ from typing import Any, Sequence
 
 import torch
 from diffusers.utils import deprecation_utils
-from PIL import Image, ImageDraw
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from minild.devices import resolve_device
-from minild.lab.scheduler_adapter import check_scheduler_name, make_scheduler
+from minild.lab.editing import edit_settings, editing_pipelines, quiet_dtype_casts, read_edit_inputs, write_inputs
+from minild.lab.gallery import contact_sheet, write_gallery
 from minild.lab.guidance import applied, parse_guidance_method
+from minild.lab.scheduler_adapter import check_scheduler_name, make_scheduler
 
 # diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns).
 _DTYPE_KEYWORD = "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
@@ -46,6 +48,10 @@ class LabImage:
     model: str
     refiner: str | None
     seconds: float  # this image's share of its batch's generation time
+    task: str = "text2img"  # or "img2img", "inpaint"
+    init_image: str | None = None  # the edited image's path, and the mask's
+    mask_image: str | None = None
+    strength: float | None = None
     path: str | None = None  # relative to the output folder, when one was written
     image: Image.Image | None = field(default=None, repr=False)
 
@@ -64,6 +70,7 @@ class LabResults:
     grids: dict[str, Image.Image]  # prompt → contact sheet (rows = seeds, columns = guidance scales)
     settings: dict[str, Any]
     out_dir: Path | None = None
+    inputs: Any = None  # the edit's minild.lab.editing.EditInputs, None for text-to-image
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -192,6 +199,9 @@ def run_sdxl_lab(
     refiner: str | Path | None = None,
     refiner_start: float = 0.8,
     batch_size: int = 4,
+    image=None,
+    mask=None,
+    strength: float | None = None,
     pipe=None,
     progress: bool = False,
 ) -> LabResults:
@@ -207,22 +217,30 @@ def run_sdxl_lab(
     see ``minild.lab.guidance``. With ``refiner``, the base model denoises until
     ``refiner_start`` of the schedule and the refiner finishes. With ``out_dir``, writes the PNGs,
     contact sheets, ``results.json`` and ``index.html`` there. Pass a loaded ``pipe`` (``load_sdxl``) to
-    reuse it; it keeps its own device, dtype, memory options and scheduler.
+    reuse it; it keeps its own device, dtype, memory options and scheduler. ``image`` (a PNG/JPEG
+    path or PIL image) edits it (img2img, SDEdit), redoing ``strength`` of the schedule, i.e.
+    ``int(num_inference_steps * strength)`` steps; ``mask`` (white = regenerate) inpaints it
+    instead; see ``minild.lab.editing.read_edit_inputs`` for the sizes and defaults.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     _check_run_arguments(prompts, guidance_scales, num_inference_steps, seeds, batch_size, refiner_start)
     check_scheduler_name(scheduler)
     parse_guidance_method(guidance_method)
+    inputs = read_edit_inputs(image, mask, strength, num_inference_steps=num_inference_steps,
+                              refiner_start=None if refiner is None else refiner_start)
     if pipe is None:
         pipe = load_sdxl(model, device=device, dtype=dtype, memory=memory)
     refiner_pipe = None
     if refiner is not None:
         refiner_pipe = _load_refiner(refiner, pipe, device=device, dtype=dtype, memory=memory)
     width, height = parse_size(size) or (pipe.default_sample_size * pipe.vae_scale_factor,) * 2
+    if inputs is not None:
+        inputs = inputs.resized(width, height)
+    pipe, refiner_pipe, notes = editing_pipelines(pipe, refiner_pipe, inputs)
     base = LabImage(
         prompt="", prompt_index=0, negative_prompt=negative_prompt, seed=0, guidance_scale=0.0,
         num_inference_steps=num_inference_steps, scheduler=scheduler, width=width, height=height,
-        model=str(model), refiner=None if refiner is None else str(refiner), seconds=0.0,
+        model=str(model), refiner=None if refiner is None else str(refiner), seconds=0.0, **edit_settings(inputs),
     )
     # A reused pipe keeps its own scheduler: the named one is swapped in for this run only.
     pipes = [p for p in (pipe, refiner_pipe) if p is not None]
@@ -233,13 +251,13 @@ def run_sdxl_lab(
             if scheduler != "default":
                 p.scheduler = make_scheduler(scheduler, p.scheduler.config)
         scheduler_class = type(pipe.scheduler).__name__
-        with applied(pipes, guidance_method) as extra:
+        with applied(pipes, guidance_method) as extra, quiet_dtype_casts():
             images = _generate_all(pipe, refiner_pipe, base, prompts, guidance_scales, seeds, batch_size,
-                                   refiner_start, extra)
+                                   refiner_start, extra, inputs.call_arguments() if inputs else {})
     finally:
         for p, own in zip(pipes, own_schedulers):
             p.scheduler = own
-    grids = {prompt: contact_sheet([im for im in images if im.prompt_index == i], seeds, guidance_scales)
+    grids = {prompt: contact_sheet([im for im in images if im.prompt_index == i], seeds, guidance_scales, inputs)
              for i, prompt in enumerate(prompts)}
     settings = {
         "model": str(model), "refiner": base.refiner, "scheduler": scheduler, "scheduler_class": scheduler_class,
@@ -247,16 +265,18 @@ def run_sdxl_lab(
         "device": str(pipe.device), "dtype": str(pipe.dtype), "prompts": prompts, "negative_prompt": negative_prompt,
         "guidance_scales": [float(g) for g in guidance_scales], "seeds": list(seeds),
         "num_inference_steps": num_inference_steps, "width": width, "height": height, "memory": list(memory),
+        **edit_settings(inputs), "pipeline_class": type(pipe).__name__, "notes": notes,
     }
-    results = LabResults(images=images, grids=grids, settings=settings)
+    results = LabResults(images=images, grids=grids, settings=settings, inputs=inputs)
     if out_dir is not None:
         write_results(results, out_dir)
     return results
 
 
 def _generate_all(pipe, refiner_pipe, base: LabImage, prompts, guidance_scales, seeds, batch_size, refiner_start,
-                  extra):
-    """Every prompt × guidance scale × seed, ``batch_size`` seeds per pipeline call."""
+                  extra, edit):
+    """Every prompt × guidance scale × seed, ``batch_size`` seeds per pipeline call; ``edit``: the
+    base pipeline's image, mask and strength arguments (none for text-to-image)."""
     images: list[LabImage] = []
     for prompt_index, prompt in enumerate(prompts):
         for guidance_scale in guidance_scales:
@@ -265,8 +285,8 @@ def _generate_all(pipe, refiner_pipe, base: LabImage, prompts, guidance_scales, 
                 began = time.perf_counter()
                 pil_images = _generate(
                     pipe, refiner_pipe, prompt, base.negative_prompt, batch_seeds, guidance_scale=guidance_scale,
-                    num_inference_steps=base.num_inference_steps, width=base.width, height=base.height,
-                    refiner_start=refiner_start, extra=extra,
+                    num_inference_steps=base.num_inference_steps, refiner_start=refiner_start, extra=extra,
+                    first=edit or dict(width=base.width, height=base.height),
                 )
                 seconds = round((time.perf_counter() - began) / len(batch_seeds), 3)
                 images += [
@@ -304,7 +324,7 @@ def _load_refiner(refiner, pipe, *, device, dtype, memory):
 
 @torch.no_grad()
 def _generate(pipe, refiner_pipe, prompt, negative_prompt, seeds, *, guidance_scale, num_inference_steps,
-              width, height, refiner_start, extra) -> list[Image.Image]:
+              refiner_start, extra, first) -> list[Image.Image]:
     def generators():
         return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
@@ -314,34 +334,13 @@ def _generate(pipe, refiner_pipe, prompt, negative_prompt, seeds, *, guidance_sc
         guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, **extra,
     )
     if refiner_pipe is None:
-        return pipe(**common, width=width, height=height, generator=generators()).images
-    latents = pipe(**common, width=width, height=height, generator=generators(),
+        return pipe(**common, **first, generator=generators()).images
+    latents = pipe(**common, **first, generator=generators(),
                    denoising_end=refiner_start, output_type="latent").images
     return refiner_pipe(**common, image=latents, denoising_start=refiner_start, generator=generators()).images
 
 
 # --- Writing ----------------------------------------------------------------------------------
-
-
-def contact_sheet(images: Sequence[LabImage], seeds: Sequence[int], guidance_scales: Sequence[float]) -> Image.Image:
-    """One prompt's images on a grid: a row per seed, a column per guidance scale, labelled."""
-    width, height = images[0].image.size
-    label_width, label_height, pad = 64, 16, 2
-    sheet = Image.new(
-        "RGB",
-        (label_width + len(guidance_scales) * (width + pad), label_height + len(seeds) * (height + pad)),
-        "white",
-    )
-    draw = ImageDraw.Draw(sheet)
-    by_cell = {(im.seed, im.guidance_scale): im.image for im in images}
-    for column, guidance_scale in enumerate(guidance_scales):
-        draw.text((label_width + column * (width + pad) + 2, 2), f"guidance {guidance_scale:g}", fill="black")
-    for row, seed in enumerate(seeds):
-        top = label_height + row * (height + pad)
-        draw.text((2, top + height // 2 - 5), f"seed {seed}", fill="black")
-        for column, guidance_scale in enumerate(guidance_scales):
-            sheet.paste(by_cell[(seed, float(guidance_scale))], (label_width + column * (width + pad), top))
-    return sheet
 
 
 def png_metadata(parameters: dict[str, Any]) -> PngInfo:
@@ -361,8 +360,6 @@ def slug(text: str, max_length: int = 40) -> str:
 
 def write_results(results: LabResults, out_dir: str | Path) -> Path:
     """PNGs under ``images/``, contact sheets under ``grids/``, then ``results.json`` and ``index.html``."""
-    from minild.lab.gallery import write_gallery
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for image in results.images:
@@ -375,12 +372,14 @@ def write_results(results: LabResults, out_dir: str | Path) -> Path:
         grid_paths[prompt] = f"grids/{index:03d}-{slug(prompt)}.png"
         (out_dir / "grids").mkdir(exist_ok=True)
         sheet.save(out_dir / grid_paths[prompt])
+    input_paths = write_inputs(results.inputs, out_dir)
     table = {
         "settings": results.settings,
+        "inputs": input_paths,
         "grids": [{"prompt": prompt, "path": path} for prompt, path in grid_paths.items()],
         "images": results.rows,
     }
     (out_dir / "results.json").write_text(json.dumps(table, indent=2, ensure_ascii=False), encoding="utf-8")
-    write_gallery(out_dir / "index.html", results.settings, results.rows, grid_paths)
+    write_gallery(out_dir / "index.html", results.settings, results.rows, grid_paths, input_paths)
     results.out_dir = out_dir
     return out_dir

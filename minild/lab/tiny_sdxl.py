@@ -43,7 +43,7 @@ def write_tiny_clip_tokenizer(directory: str | Path):
     return tokenizer
 
 
-def build_tiny_sdxl(directory: str | Path, *, seed: int = 0) -> Path:
+def build_tiny_sdxl(directory: str | Path, *, seed: int = 0, inpainting: bool = False) -> Path:
     """Build a random ``StableDiffusionXLPipeline`` and ``save_pretrained`` it (safetensors) to ``directory``.
 
     Two CLIP text encoders (32-d hidden states each, concatenated to the UNet's 64-d context; the
@@ -52,6 +52,8 @@ def build_tiny_sdxl(directory: str | Path, *, seed: int = 0) -> Path:
     and SDXL base's scheduler config. The weights are random, drawn from ``seed`` without touching
     the caller's random state: images are noise-like, but every part of the pipeline runs for real.
     Returns ``directory``, which ``minild.lab.load_sdxl`` and diffusers' ``from_pretrained`` load.
+    ``inpainting=True`` gives the UNet 9 input channels (latents, mask, masked-image latents), the
+    layout of SDXL inpainting models.
     """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -67,7 +69,7 @@ def build_tiny_sdxl(directory: str | Path, *, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
-            sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            sample_size=32, in_channels=9 if inpainting else 4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 1),
