@@ -21,6 +21,7 @@ from minild.guidance_frontier import (
     sampler_name,
 )
 from minild.images import inference_steps, save_labeled_grid
+from minild.io import atomic_write
 from minild.metrics import (
     DigitClassifier,
     classify,
@@ -136,7 +137,7 @@ def run_cfg_digits(
                           title=f"rows: digits 0–9 · {settings}")
         _write_csv(out_dir / "results.csv", [_flat_cfg_row(row) for row in rows])
         baseline = real_digits_baseline(classifier, len(labels), reference)
-        (out_dir / "results.md").write_text(format_cfg_markdown(rows, settings=settings, baseline=baseline))
+        _write_text(out_dir / "results.md", format_cfg_markdown(rows, settings=settings, baseline=baseline))
         plot_frontier(rows, baseline, out_dir / "frontier.png", title=f"Guidance frontier: {settings}")
     return rows
 
@@ -250,7 +251,7 @@ def run_prompt_digits(
                           title=f"one row per prompt · guidance scale {guidance_scale:g} · seed {seed}")
         settings = (f"{per_prompt} images per prompt, guidance scale {guidance_scale:g} (paper w = "
                     f"{guidance_scale - 1:g}), {num_inference_steps} inference steps, seed {seed}, {seconds:.0f}s")
-        (out_dir / "prompts.md").write_text(format_prompt_markdown(rows, settings=settings))
+        _write_text(out_dir / "prompts.md", format_prompt_markdown(rows, settings=settings))
     return rows
 
 
@@ -315,10 +316,17 @@ def _generate_in_batches(pipeline, chunks, seed: int, conditioning, **generate_k
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    def write(tmp):
+        with open(tmp, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _unit(images: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,11 @@ from typing import Callable
 
 import torch
 
-from minild import plugins
+from minild import plugins, run_lock
 from minild.config import VAETrainingConfig
 from minild.data import load_dataset
 from minild.images import save_labeled_grid
+from minild.io import atomic_write
 from minild.train import resolve_device
 
 RECONSTRUCTIONS_NAME = "reconstructions.png"
@@ -40,7 +41,14 @@ def train_vae(config: VAETrainingConfig, out_dir: str | Path | None = None,
               log: Callable[[str], None] | None = None) -> VAETrainResult:
     """Train the configured VAE, set its latent scale and, with ``out_dir``, save everything there:
     the VAE (``save_pretrained``), ``reconstructions.png`` (originals above, reconstructions below),
-    ``metrics.json`` and the config as ``train_vae.yaml``."""
+    ``metrics.json`` and the config as ``train_vae.yaml``, holding ``out_dir``'s lock
+    (``minild.run_lock``) from the start: a second writer into it is refused before training."""
+    with run_lock.hold(out_dir):
+        return _train_and_save(config, out_dir, log)
+
+
+def _train_and_save(config: VAETrainingConfig, out_dir: str | Path | None,
+                    log: Callable[[str], None] | None) -> VAETrainResult:
     settings = config.train
     _validate(settings)
     vae = plugins.create("vae", config.vae.name, **config.vae.params)
@@ -109,7 +117,8 @@ def train_vae(config: VAETrainingConfig, out_dir: str | Path | None = None,
         vae.to("cpu").save_pretrained(out_dir)
         shown = held_out if held_out is not None else dataset.images
         _save_reconstructions(vae, _spread(shown), out_dir / RECONSTRUCTIONS_NAME)
-        (out_dir / METRICS_NAME).write_text(json.dumps(metrics, indent=2))
+        text = json.dumps(metrics, indent=2)
+        atomic_write(out_dir / METRICS_NAME, lambda tmp: Path(tmp).write_text(text))
         config.dump(out_dir / TRAINING_CONFIG_NAME)
     return VAETrainResult(vae=vae, steps=step, epochs_completed=epoch, seconds=seconds,
                           reason=reason, losses=losses, metrics=metrics)
