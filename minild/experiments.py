@@ -7,12 +7,14 @@ from __future__ import annotations
 import csv
 import time
 from collections import Counter
+from numbers import Real
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from minild.data import load_dataset
+from minild.generation import check_seed
 from minild.guidance_frontier import (
     check_methods,
     count_model_evaluations,
@@ -37,6 +39,7 @@ GUIDANCE_SCALES = (0.0, 1.0, 3.0, 5.0, 7.5)
 DIGIT_WORDS = "zero one two three four five six seven eight nine".split()
 # Seeds of distinct runs give disjoint batch generators as long as a run has fewer batches than this.
 _SEED_STRIDE = 10_000
+_SEED_LIMIT = 2**64 // _SEED_STRIDE  # keeps every batch seed in torch's [0, 2**64)
 
 
 def default_digit_prompts() -> dict[int, list[str]]:
@@ -94,6 +97,9 @@ def run_cfg_digits(
         _check_positive(num_inference_steps=num_inference_steps)
     if not guidance_scales:
         raise ValueError("guidance_scales is empty: give at least one scale, e.g. (1.0, 3.0)")
+    _check_seed(seed)
+    for scale in guidance_scales:
+        _check_guidance_scale(scale, "guidance_scales")
     cells = [(method, float(scale)) for method in check_methods(methods) for scale in guidance_scales]
     classifier = classifier if classifier is not None else load_digit_classifier()
     reference = digit_features(classifier, _unit(load_dataset("digits", split="test").images))
@@ -226,6 +232,8 @@ def run_prompt_digits(
     """
     pairs = [(digit, prompt) for digit, prompts in _check_prompts(prompts_by_digit).items() for prompt in prompts]
     _check_positive(per_prompt=per_prompt, batch_size=batch_size, num_inference_steps=num_inference_steps)
+    _check_seed(seed)
+    _check_guidance_scale(guidance_scale, "guidance_scale")
     classifier = classifier if classifier is not None else load_digit_classifier()
     pair_index = torch.arange(len(pairs)).repeat_interleave(per_prompt)  # [N]: which pair each image is for
     start = time.perf_counter()
@@ -332,6 +340,23 @@ def _write_text(path: Path, text: str) -> None:
 def _unit(images: torch.Tensor) -> torch.Tensor:
     """Dataset images in [-1, 1] → [0, 1], what the classifier and ``generate`` use."""
     return (images + 1) / 2
+
+
+def _check_seed(seed: int) -> None:
+    check_seed(seed)
+    if seed >= _SEED_LIMIT:
+        raise ValueError(f"seed must be below {_SEED_LIMIT} (batch i draws from seed × {_SEED_STRIDE} + i), got {seed}")
+
+
+def _check_guidance_scale(scale: float, name: str) -> None:
+    """An experiment measures guidance from 0 (unconditional) up; a negative scale (extrapolating
+    away from the condition) would only add columns of failures to its tables."""
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not 0 <= scale < float("inf"):
+        raise ValueError(
+            f"{name} must be finite and 0 or more (0 = unconditional, 1 = plain conditional, 3 = the paper's w = 2), "
+            f"got {scale!r}: a negative scale steers away from the condition, which these experiments do not "
+            "score; Pipeline.generate(guidance_scale=...) draws it"
+        )
 
 
 def _check_positive(**values: int) -> None:

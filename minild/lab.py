@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
 from minild.diffusers_adapter import check_scheduler_name, make_scheduler
+from minild.generation import check_seed
 from minild.lab_guidance import applied, parse_guidance_method
 
 # diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns).
@@ -293,6 +294,11 @@ def _check_run_arguments(prompts, guidance_scales, num_inference_steps, seeds, b
         raise LabError("give at least one guidance scale (e.g. 5.0; 1.0 means no guidance)")
     if not seeds:
         raise LabError("give at least one seed")
+    try:
+        for seed in seeds:
+            check_seed(seed, "every seed")
+    except ValueError as err:
+        raise LabError(str(err)) from None
     if len(set(seeds)) != len(seeds) or len(set(guidance_scales)) != len(guidance_scales):
         raise LabError(f"seeds {list(seeds)} and guidance scales {list(guidance_scales)} must not repeat")
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:

@@ -133,6 +133,7 @@ def _validate(settings) -> None:
         "max_steps": (settings.max_steps is None or settings.max_steps >= 1, "at least 1 or null"),
         "epochs": (settings.epochs is None or settings.epochs >= 1, "at least 1 or null"),
         "max_minutes": (settings.max_minutes is None or settings.max_minutes > 0, "positive or null"),
+        "seed": (0 <= settings.seed < 2**64, "in [0, 2**64) (torch wraps a negative seed onto another one)"),
     }
     for key, (ok, expected) in checks.items():
         if not ok:
