@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from minild import plugins
-from minild.training import checkpoint, runs
+from minild.training import checkpoint, lock, runs
 from minild.config import plain_value
 from minild.errors import UnavailableError
 from minild.pipeline.grids import grid_conditions, sampling_caption, save_sample_grid
@@ -225,13 +224,20 @@ def _train(args) -> int:
     run_dir = Path(args.out or args.resume or Path("runs") / Path(args.config).stem)
     if args.overwrite and args.resume:
         raise ValueError("--overwrite and --resume exclude each other: --resume continues a run, --overwrite deletes it")
+    # Held from before the run directory is read to after its last file is written: a second
+    # writer is refused here, before it reads or writes anything (minild.training.lock).
+    with lock.hold(run_dir):
+        return _train_into(args, pipe, run_dir, overrides)
+
+
+def _train_into(args, pipe, run_dir: Path, overrides: dict) -> int:
     resume, overwrite = args.resume, args.overwrite
     if resume is not None and Path(resume) == run_dir and runs.read_run(run_dir) is not None \
             and not checkpoint.list_checkpoints(run_dir):
         resume = None  # killed before its first checkpoint: the plan below starts it over, saying so
     if resume is None and not overwrite:
         plan = runs.plan_run(run_dir, pipe.config)
-        if plan.message and _is_main_process():
+        if plan.message and lock.is_main_process():
             print(plan.message)
         if plan.action == "done":
             return 0
@@ -380,10 +386,6 @@ def _lab_sdxl(args) -> int:
           f"({results.settings['scheduler_class']})")
     print(f"wrote {Path(args.out) / 'index.html'} and {Path(args.out) / 'results.json'}")
     return 0
-
-
-def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"  # torchrun and accelerate launch set RANK per process
 
 
 def _mean_tail(values: list[float], n: int = 50) -> float:

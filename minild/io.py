@@ -47,6 +47,21 @@ def atomic_write(path: str | Path, write) -> None:
         raise
 
 
+def atomic_write_files(directory: str | Path, write) -> None:
+    """Call ``write(tmp_dir)`` then move each file it wrote into ``directory`` by a rename, so that
+    a library's ``save_pretrained`` (several files, written in place) leaves no partial file either."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{directory.name}.", dir=directory.parent) as tmp:
+        write(tmp)
+        for path in sorted(Path(tmp).rglob("*")):
+            target = directory / path.relative_to(tmp)
+            if path.is_dir():
+                target.mkdir(exist_ok=True)
+            else:
+                os.replace(path, target)
+
+
 def save_weights(module: torch.nn.Module, path: str | Path) -> None:
     # safetensors refuses shared or non-contiguous storage: store independent contiguous copies.
     state = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in module.state_dict().items()}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minild import hookimpl
-from minild.io import atomic_write, load_weights, save_weights
+from minild.io import atomic_write, atomic_write_files, load_weights, save_weights
 
 Posterior = typing.Literal["mode", "sample"]  # what encode() returns: the posterior mean or a draw from it
 
@@ -103,7 +103,7 @@ class AutoencoderKLStage(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> dict:
         """Write the AutoencoderKL (diffusers' format); returns the params that reload it from there."""
-        self.autoencoder.save_pretrained(directory)
+        atomic_write_files(directory, self.autoencoder.save_pretrained)
         return {"pretrained": str(directory), "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor,
                 "posterior": self.posterior, "device": str(self.autoencoder.device)}
 

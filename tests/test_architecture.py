@@ -17,7 +17,7 @@ ALLOWED = {
     "training": {"core", "training"},
     "pipeline": {"core", "training", "pipeline"},
     "evaluation": {"core", "training", "pipeline", "evaluation"},
-    "lab": {"core", "lab"},
+    "lab": {"core", "pipeline", "lab"},
     "testing": {"core", "pipeline", "testing"},
     "cli": {"core", "training", "pipeline", "evaluation", "lab"},
 }

@@ -136,6 +136,25 @@ def test_cfg_digits_refuses_methods_that_are_not_guidance_specs(classifier):
             run_cfg_digits(RealDigitsPipeline(), methods=methods, classifier=classifier)
 
 
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"guidance_scales": (1.0, -1.0)}, r"guidance_scales must be finite and 0 or more .* got -1.0: a negative scale"),
+    ({"guidance_scales": (float("nan"),)}, "guidance_scales must be finite and 0 or more"),
+    ({"seed": -1}, r"seed must lie in \[0, 2\*\*64\), got -1: torch would wrap"),
+    ({"seed": 2**60}, r"seed must be below 1844674407370955 \(batch i draws from seed × 10000 \+ i\)"),
+])
+def test_cfg_digits_refuses_negative_scales_and_seeds_before_sampling(kwargs, message):
+    pipeline = RealDigitsPipeline()
+    with pytest.raises(ValueError, match=message):
+        run_cfg_digits(pipeline, per_class=1, **kwargs)
+    assert pipeline.calls == []
+
+
+def test_prompt_digits_refuses_a_negative_scale_and_seed():
+    for kwargs in ({"guidance_scale": -2.0}, {"seed": -3}):
+        with pytest.raises(ValueError, match="must be finite and 0 or more|seed must lie in"):
+            run_prompt_digits(RealDigitsPipeline(), default_digit_prompts(), per_prompt=1, **kwargs)
+
+
 def test_cfg_digits_refuses_a_model_that_is_not_class_conditional(classifier):
     with pytest.raises(ValueError, match="class-conditional"):
         run_cfg_digits(RealDigitsPipeline(num_classes=None), classifier=classifier)
@@ -227,6 +246,15 @@ def test_cli_cfg_digits_on_an_unconditional_run_is_an_error(tmp_path, cached_cla
     minild.Pipeline.from_config(tiny_config()).save_pretrained(run)
     assert main(["experiment", "cfg-digits", str(run)]) == 2
     assert "not a class-conditional digit run" in capsys.readouterr().err
+
+
+def test_cli_cfg_digits_refuses_a_negative_scale_in_one_line(tmp_path, cached_classifier_env, capsys):
+    run = tmp_path / "run"
+    minild.Pipeline.from_config(tiny_config(model={"num_classes": 10})).save_pretrained(run)
+    assert main(["experiment", "cfg-digits", str(run), "--scales", "1", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minild: error: guidance_scales must be finite and 0 or more") and err.count("\n") == 1
+    assert not (run / "cfg_digits").exists()
 
 
 def test_cli_prompt_digits_on_a_run_without_text_is_an_error(tmp_path, cached_classifier_env, capsys):

@@ -65,7 +65,8 @@ BAD_ARGUMENTS = [
     ({"generator": torch.Generator(), "seed": 1}, "pass either generator or seed, not both"),
     ({"seed": 1.5}, "seed must be an integer"),
     ({"seed": True}, "seed must be an integer"),
-    ({"seed": 2**70}, r"seed must lie in \[-2\*\*63, 2\*\*64\)"),
+    ({"seed": 2**70}, r"seed must lie in \[0, 2\*\*64\), got 1180591620717411303424$"),
+    ({"seed": -1}, r"seed must lie in \[0, 2\*\*64\), got -1: torch would wrap a negative seed onto another one"),
     ({"latents": torch.zeros(2, 1, 4, 4)}, r"latents must have shape \(2, 1, 8, 8\)"),
     ({"latents": torch.full((1, 1, 8, 8), math.nan)}, "latents has NaN or inf entries"),
     ({"latents": np.zeros((1, 1, 8, 8))}, "latents must be a float tensor"),
@@ -140,6 +141,7 @@ def test_sample_takes_a_guidance_with_params(run_dir, tmp_path, monkeypatch):
     (["--steps", "0"], "num_inference_steps must be a positive integer"),
     (["--num", "0"], "--num must be a positive number of images"),
     (["--class-label", "7"], r"class_labels must lie in \[0, 3\)"),
+    (["--seed", "-1"], r"seed must lie in \[0, 2\*\*64\), got -1: torch would wrap"),
 ])
 def test_sample_refuses_bad_options_in_one_line(run_dir, tmp_path, capsys, flags, message):
     assert main(["sample", str(run_dir), "--num", "2", "--out", str(tmp_path / "grid.png"), *flags]) == 2

@@ -171,7 +171,8 @@ def old_guided_model_fn(model, cond, uncond, guidance_scale):
     return guided
 
 
-@pytest.mark.parametrize("scale", [0.0, 1.0, 2.5, 7.5])
+# -1.0: a negative scale is taken, extrapolating away from the condition by the same formula.
+@pytest.mark.parametrize("scale", [-1.0, 0.0, 1.0, 2.5, 7.5])
 @pytest.mark.parametrize("how", ["guidance_scale", "guidance", "config"])
 def test_cfg_is_bit_identical_to_the_old_guidance_scale_path(scale, how):
     config = class_config(guidance={"name": "cfg", "scale": scale}) if how == "config" else class_config()

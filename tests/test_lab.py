@@ -283,6 +283,7 @@ def test_float16_loads_the_fp16_variant_when_the_model_has_one(tiny_sdxl_dir, tm
         (lambda: load_sdxl("x", dtype="float8"), "dtype"),
         (lambda: run_sdxl_lab("x", []), "prompt"),
         (lambda: run_sdxl_lab("x", "p", seeds=[1, 1]), "must not repeat"),
+        (lambda: run_sdxl_lab("x", "p", seeds=[0, -1]), r"every seed must lie in \[0, 2\*\*64\), got -1"),
         (lambda: run_sdxl_lab("x", "p", num_inference_steps=0), "num_inference_steps"),
     ],
 )

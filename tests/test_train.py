@@ -125,6 +125,8 @@ def test_train_values_are_checked_at_the_config_edge_and_per_call(tmp_path):
         train(grad_accumulation_steps=0)
     with pytest.raises(ValueError, match="train.lr_schedule must be one of 'constant', 'cosine', 'linear'"):
         train(lr_schedule="exponential")
+    with pytest.raises(ValueError, match=r"train.seed must be in \[0, 2\*\*64\) \(torch wraps a negative seed"):
+        train(seed=-1)
 
 
 def _poison(model):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import time
 from collections import Counter
+from numbers import Real
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,8 +21,6 @@ from minild.evaluation.frontier import (
     plot_frontier,
     sampler_name,
 )
-from minild.images import save_labeled_grid
-from minild.pipeline.grids import inference_steps
 from minild.evaluation.metrics import (
     DigitClassifier,
     classify,
@@ -31,12 +30,17 @@ from minild.evaluation.metrics import (
     mean_accuracy,
     per_class_accuracy,
 )
+from minild.images import save_labeled_grid
+from minild.io import atomic_write
+from minild.pipeline.generation import check_seed
+from minild.pipeline.grids import inference_steps
 
 NUM_DIGITS = 10
 GUIDANCE_SCALES = (0.0, 1.0, 3.0, 5.0, 7.5)
 DIGIT_WORDS = "zero one two three four five six seven eight nine".split()
 # Seeds of distinct runs give disjoint batch generators as long as a run has fewer batches than this.
 _SEED_STRIDE = 10_000
+_SEED_LIMIT = 2**64 // _SEED_STRIDE  # keeps every batch seed in torch's [0, 2**64)
 
 
 def default_digit_prompts() -> dict[int, list[str]]:
@@ -94,6 +98,9 @@ def run_cfg_digits(
         _check_positive(num_inference_steps=num_inference_steps)
     if not guidance_scales:
         raise ValueError("guidance_scales is empty: give at least one scale, e.g. (1.0, 3.0)")
+    _check_seed(seed)
+    for scale in guidance_scales:
+        _check_guidance_scale(scale, "guidance_scales")
     cells = [(method, float(scale)) for method in check_methods(methods) for scale in guidance_scales]
     classifier = classifier if classifier is not None else load_digit_classifier()
     reference = digit_features(classifier, _unit(load_dataset("digits", split="test").images))
@@ -137,7 +144,7 @@ def run_cfg_digits(
                           title=f"rows: digits 0–9 · {settings}")
         _write_csv(out_dir / "results.csv", [_flat_cfg_row(row) for row in rows])
         baseline = real_digits_baseline(classifier, len(labels), reference)
-        (out_dir / "results.md").write_text(format_cfg_markdown(rows, settings=settings, baseline=baseline))
+        _write_text(out_dir / "results.md", format_cfg_markdown(rows, settings=settings, baseline=baseline))
         plot_frontier(rows, baseline, out_dir / "frontier.png", title=f"Guidance frontier: {settings}")
     return rows
 
@@ -226,6 +233,8 @@ def run_prompt_digits(
     """
     pairs = [(digit, prompt) for digit, prompts in _check_prompts(prompts_by_digit).items() for prompt in prompts]
     _check_positive(per_prompt=per_prompt, batch_size=batch_size, num_inference_steps=num_inference_steps)
+    _check_seed(seed)
+    _check_guidance_scale(guidance_scale, "guidance_scale")
     classifier = classifier if classifier is not None else load_digit_classifier()
     pair_index = torch.arange(len(pairs)).repeat_interleave(per_prompt)  # [N]: which pair each image is for
     start = time.perf_counter()
@@ -251,7 +260,7 @@ def run_prompt_digits(
                           title=f"one row per prompt · guidance scale {guidance_scale:g} · seed {seed}")
         settings = (f"{per_prompt} images per prompt, guidance scale {guidance_scale:g} (paper w = "
                     f"{guidance_scale - 1:g}), {num_inference_steps} inference steps, seed {seed}, {seconds:.0f}s")
-        (out_dir / "prompts.md").write_text(format_prompt_markdown(rows, settings=settings))
+        _write_text(out_dir / "prompts.md", format_prompt_markdown(rows, settings=settings))
     return rows
 
 
@@ -316,15 +325,39 @@ def _generate_in_batches(pipeline, chunks, seed: int, conditioning, **generate_k
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    def write(tmp):
+        with open(tmp, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _unit(images: torch.Tensor) -> torch.Tensor:
     """Dataset images in [-1, 1] → [0, 1], what the classifier and ``generate`` use."""
     return (images + 1) / 2
+
+
+def _check_seed(seed: int) -> None:
+    check_seed(seed)
+    if seed >= _SEED_LIMIT:
+        raise ValueError(f"seed must be below {_SEED_LIMIT} (batch i draws from seed × {_SEED_STRIDE} + i), got {seed}")
+
+
+def _check_guidance_scale(scale: float, name: str) -> None:
+    """An experiment measures guidance from 0 (unconditional) up; a negative scale (extrapolating
+    away from the condition) would only add columns of failures to its tables."""
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not 0 <= scale < float("inf"):
+        raise ValueError(
+            f"{name} must be finite and 0 or more (0 = unconditional, 1 = plain conditional, 3 = the paper's w = 2), "
+            f"got {scale!r}: a negative scale steers away from the condition, which these experiments do not "
+            "score; Pipeline.generate(guidance_scale=...) draws it"
+        )
 
 
 def _check_positive(**values: int) -> None:

@@ -10,6 +10,7 @@ from typing import BinaryIO
 import torch
 
 from minild.config import parse_stage
+from minild.io import atomic_write
 
 # A setting is on target when it is nearly always the requested digit and nearly as varied as real digits.
 TARGET_ACCURACY = 0.985
@@ -69,9 +70,10 @@ def plot_frontier(rows: list[dict], baseline: dict, path: str | Path | BinaryIO,
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    if isinstance(path, (str, Path)):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
+    if isinstance(path, (str, Path)):  # to a temporary name, then renamed: no half-written PNG
+        atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+    else:
+        figure.savefig(path, format="png")
 
 
 def guidance_name(spec: str | dict | None, pipeline=None) -> str:

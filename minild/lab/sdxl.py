@@ -21,6 +21,7 @@ from minild.lab.editing import edit_settings, editing_pipelines, quiet_dtype_cas
 from minild.lab.gallery import contact_sheet, write_gallery
 from minild.lab.guidance import applied, parse_guidance_method
 from minild.lab.scheduler_adapter import check_scheduler_name, make_scheduler
+from minild.pipeline.generation import check_seed
 
 # diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns).
 _DTYPE_KEYWORD = "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
@@ -304,6 +305,11 @@ def _check_run_arguments(prompts, guidance_scales, num_inference_steps, seeds, b
         raise LabError("give at least one guidance scale (e.g. 5.0; 1.0 means no guidance)")
     if not seeds:
         raise LabError("give at least one seed")
+    try:
+        for seed in seeds:
+            check_seed(seed, "every seed")
+    except ValueError as err:
+        raise LabError(str(err)) from None
     if len(set(seeds)) != len(seeds) or len(set(guidance_scales)) != len(guidance_scales):
         raise LabError(f"seeds {list(seeds)} and guidance scales {list(guidance_scales)} must not repeat")
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:

@@ -104,17 +104,26 @@ def prompt_list(prompts: Any, num_images: int | None) -> list[str] | None:
     return list(prompts)
 
 
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """``seed`` as an int in [0, 2**64), what ``torch.Generator.manual_seed`` takes without wrapping:
+    it maps a negative seed -n onto 2**64 - n, so -1 would quietly draw the noise of seed
+    18446744073709551615. Seeds start at 0, as in diffusers."""
+    if isinstance(seed, bool) or not isinstance(seed, Integral):
+        raise GenerateArgumentError(f"{name} must be an integer, got {seed!r}")
+    if not 0 <= seed < 2**64:
+        raise GenerateArgumentError(
+            f"{name} must lie in [0, 2**64), got {seed}" + (": torch would wrap a negative seed onto another one "
+                                                             "(-1 onto 2**64 - 1); use 0, 1, 2, …" if seed < 0 else "")
+        )
+    return int(seed)
+
+
 def check_generator(generator: Any, seed: Any, num_images: int):
     """A ``torch.Generator``, a list of ``num_images`` of them, or one made from ``seed``; None without either."""
     if generator is not None and seed is not None:
         raise GenerateArgumentError("pass either generator or seed, not both")
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, Integral):
-            raise GenerateArgumentError(f"seed must be an integer, got {seed!r}")
-        try:
-            return torch.Generator().manual_seed(int(seed))
-        except (RuntimeError, ValueError, OverflowError):
-            raise GenerateArgumentError(f"seed must lie in [-2**63, 2**64), got {seed}") from None
+        return torch.Generator().manual_seed(check_seed(seed))
     if generator is None or isinstance(generator, torch.Generator):
         return generator
     if isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator):

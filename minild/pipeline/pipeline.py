@@ -16,6 +16,7 @@ import torch
 
 from minild import plugins
 from minild.pipeline import generation
+from minild.training import lock
 from minild.conditioning import wants_text
 from minild.config import PipelineConfig, StageSpec, load_config
 from minild.data import known_class_names
@@ -154,7 +155,12 @@ class Pipeline:
         ``run_dir`` that already holds a run is refused unless ``overwrite`` deletes that run.
         Ctrl-C (or SIGTERM) stops after the current step and returns the result with
         ``interrupted=True`` (after writing a checkpoint when there is a run directory); a
-        second Ctrl-C raises ``KeyboardInterrupt`` at once."""
+        second Ctrl-C raises ``KeyboardInterrupt`` at once. While it trains, it holds ``run_dir``'s
+        lock (``minild.training.lock``): a second writer into the same directory is refused."""
+        with lock.hold(run_dir):
+            return self._train(dataset, run_dir=run_dir, resume=resume, overwrite=overwrite, **overrides)
+
+    def _train(self, dataset, *, run_dir, resume, overwrite, **overrides: Any) -> TrainResult:
         train_config = copy.deepcopy(self.config.train)
         for key, value in overrides.items():
             if not hasattr(train_config, key):

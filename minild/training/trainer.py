@@ -393,6 +393,7 @@ def validate_train_config(config: TrainConfig) -> None:
         "epochs": (config.epochs is None or config.epochs >= 1, "at least 1 or null"),
         "max_minutes": (config.max_minutes is None or config.max_minutes > 0, "positive or null"),
         "p_uncond": (0.0 <= config.p_uncond <= 1.0, "in [0, 1]"),
+        "seed": (0 <= config.seed < 2**64, "in [0, 2**64) (torch wraps a negative seed onto another one)"),
         "loss_readback_every": (config.loss_readback_every is None or config.loss_readback_every >= 1,
                                 "at least 1 or null"),
     }

@@ -14,10 +14,12 @@ from typing import Callable
 import torch
 
 from minild import plugins
+from minild.training import lock
 from minild.config import VAETrainingConfig
 from minild.data import load_dataset
 from minild.devices import resolve_device
 from minild.images import save_labeled_grid
+from minild.io import atomic_write
 
 RECONSTRUCTIONS_NAME = "reconstructions.png"
 METRICS_NAME = "metrics.json"
@@ -40,7 +42,14 @@ def train_vae(config: VAETrainingConfig, out_dir: str | Path | None = None,
               log: Callable[[str], None] | None = None) -> VAETrainResult:
     """Train the configured VAE, set its latent scale and, with ``out_dir``, save everything there:
     the VAE (``save_pretrained``), ``reconstructions.png`` (originals above, reconstructions below),
-    ``metrics.json`` and the config as ``train_vae.yaml``."""
+    ``metrics.json`` and the config as ``train_vae.yaml``, holding ``out_dir``'s lock
+    (``minild.training.lock``) from the start: a second writer into it is refused before training."""
+    with lock.hold(out_dir):
+        return _train_and_save(config, out_dir, log)
+
+
+def _train_and_save(config: VAETrainingConfig, out_dir: str | Path | None,
+                    log: Callable[[str], None] | None) -> VAETrainResult:
     settings = config.train
     _validate(settings)
     vae = plugins.create("vae", config.vae.name, **config.vae.params)
@@ -109,7 +118,8 @@ def train_vae(config: VAETrainingConfig, out_dir: str | Path | None = None,
         vae.to("cpu").save_pretrained(out_dir)
         shown = held_out if held_out is not None else dataset.images
         _save_reconstructions(vae, _spread(shown), out_dir / RECONSTRUCTIONS_NAME)
-        (out_dir / METRICS_NAME).write_text(json.dumps(metrics, indent=2))
+        text = json.dumps(metrics, indent=2)
+        atomic_write(out_dir / METRICS_NAME, lambda tmp: Path(tmp).write_text(text))
         config.dump(out_dir / TRAINING_CONFIG_NAME)
     return VAETrainResult(vae=vae, steps=step, epochs_completed=epoch, seconds=seconds,
                           reason=reason, losses=losses, metrics=metrics)
@@ -124,6 +134,7 @@ def _validate(settings) -> None:
         "max_steps": (settings.max_steps is None or settings.max_steps >= 1, "at least 1 or null"),
         "epochs": (settings.epochs is None or settings.epochs >= 1, "at least 1 or null"),
         "max_minutes": (settings.max_minutes is None or settings.max_minutes > 0, "positive or null"),
+        "seed": (0 <= settings.seed < 2**64, "in [0, 2**64) (torch wraps a negative seed onto another one)"),
     }
     for key, (ok, expected) in checks.items():
         if not ok:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from pathlib import Path
@@ -91,14 +92,18 @@ class MetricsLog:
         self.pending = []
 
     def _write(self, path, records: list[dict], mode: str) -> None:
-        with open(path, mode, newline="") as file:
-            if self.file_format == "jsonl":
-                file.writelines(json.dumps(record) + "\n" for record in records)
-                return
-            writer = csv.DictWriter(file, self.COLUMNS)
+        # Whole lines in one write: a reader of the log never sees half a record.
+        if self.file_format == "jsonl":
+            text = "".join(json.dumps(record) + "\n" for record in records)
+        else:
+            buffer = io.StringIO(newline="")
+            writer = csv.DictWriter(buffer, self.COLUMNS)
             if mode == "w":
                 writer.writeheader()
             writer.writerows(records)
+            text = buffer.getvalue()
+        with open(path, mode + "b") as file:
+            file.write(text.encode())
 
     def _read(self) -> list[dict]:
         if not self.path.is_file():
