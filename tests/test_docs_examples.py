@@ -1,4 +1,5 @@
-"""Every example in README.md, docs/*.md and examples/minild-euler/README.md runs as written.
+"""Every example in README.md, docs/**/*.md (the documentation site's pages) and
+examples/minild-euler/README.md runs as written.
 
 Each fenced block that names a language is one test, with the id FILE:LINE of its opening fence:
 
@@ -12,6 +13,9 @@ Each fenced block that names a language is one test, with the id FILE:LINE of it
 - ```yaml blocks are pipeline configs, validated by ``minild.config.load_config``; ```toml blocks
   must parse.
 - A fence without a language (a command synopsis, an error message) is not an example.
+- The site's own syntax is no example either: a ``--8<-- "README.md:SECTION"`` line includes a
+  README section (whose blocks run as the README's), and a ``::: minild.NAME`` line is an API
+  reference entry (``mkdocs build --strict`` in tests/test_docs_site.py checks both).
 
 Selecting one block (``-k README.md:42``) first runs the blocks above it in its file.
 A block that should not run as written carries an HTML comment just above its fence:
@@ -46,7 +50,7 @@ from minild.config import ConfigError, load_config
 from tests.test_metrics import quick_classifier_cache
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "examples" / "minild-euler" / "README.md"]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "examples" / "minild-euler" / "README.md"]
 
 # (file, text that occurs in exactly one of its blocks) → why that block fails today.
 EXPECTED_FAILURES: dict[tuple[str, str], str] = {}
@@ -286,7 +290,7 @@ def test_example_runs(block, file_runs, resources, tmp_path_factory, monkeypatch
 
 def test_the_readme_and_the_guides_have_examples():
     found = {path.relative_to(ROOT).as_posix(): sum(block.path == path for block in EXAMPLES) for path in DOCS}
-    assert found["README.md"] >= 5 and found["docs/plugins.md"] >= 5, found
+    assert found["README.md"] >= 3 and found["docs/python-api.md"] >= 2 and found["docs/plugins.md"] >= 5, found
 
 
 def test_every_marker_sits_just_above_a_fence():
@@ -351,3 +355,23 @@ def test_a_block_that_neither_runs_nor_is_marked_skip_fails(marker, message, tmp
     run.done = set()
     with pytest.raises(pytest.fail.Exception, match=re.escape(message)):
         run.run(block, resources=None)
+
+
+SITE_SYNTAX = """\
+--8<-- "README.md:commands"
+
+::: minild.create
+
+!!! note "Inside an admonition"
+    <!-- example: quick `max_steps=2000` -> `max_steps=2` -->
+    ```python
+    pipe.train(max_steps=2000)
+    ```
+"""
+
+
+def test_site_syntax_is_no_example_and_hides_none(tmp_path):
+    (tmp_path / "page.md").write_text(SITE_SYNTAX)
+    blocks, markers = parse_blocks(tmp_path / "page.md")
+    assert [(block.line, block.lang, block.source) for block in blocks] == [(7, "python", "pipe.train(max_steps=2000)\n")]
+    assert markers == 1 and source_to_run(blocks[0]) == "pipe.train(max_steps=2)\n"
