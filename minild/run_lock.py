@@ -123,21 +123,15 @@ def _key(run_dir: Path) -> str:
 
 def _open_locked(run_dir: Path) -> int:
     path = run_dir / LOCK_NAME
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UnwritableDirectoryError(
-            f"cannot create the run directory {run_dir} ({err.strerror or err}): choose another one (--out DIR) "
-            "or make its parent writable"
-        ) from err
     while True:
         try:
+            run_dir.mkdir(parents=True, exist_ok=True)
             # No O_TRUNC: a refused writer must leave the holder's file as it is.
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as err:
             raise UnwritableDirectoryError(
                 f"cannot write to the run directory {run_dir} ({err.strerror or err}): choose another one "
-                "(--out DIR) or make it writable"
+                "(e.g. --out DIR) or make it writable"
             ) from err
         if not _try_lock(fd):
             os.close(fd)
