@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from minild import generation, plugins, run_lock
+from minild import checkpoint, generation, plugins, run_lock
 from minild.conditioning import wants_text
 from minild.config import PipelineConfig, StageSpec, load_config
 from minild.data import known_class_names
@@ -155,7 +155,8 @@ class Pipeline:
         ``interrupted=True`` (after writing a checkpoint when there is a run directory); a
         second Ctrl-C raises ``KeyboardInterrupt`` at once. While it trains, it holds ``run_dir``'s
         lock (``minild.run_lock``): a second writer into the same directory is refused."""
-        with run_lock.hold(run_dir):
+        written = run_dir if run_dir is not None or resume is None else checkpoint.run_dir_of(resume)
+        with run_lock.hold(written):
             return self._train(dataset, run_dir=run_dir, resume=resume, overwrite=overwrite, **overrides)
 
     def _train(self, dataset, *, run_dir, resume, overwrite, **overrides: Any) -> TrainResult:
