@@ -82,9 +82,13 @@ def acquire(run_dir: str | Path) -> RunLock:
             held._holds += 1
             return held
         fd = _open_locked(run_dir)
-        lock = RunLock(run_dir, fd)
-        _write_holder(fd)
-        _held[_key(run_dir)] = lock
+        try:
+            _write_holder(fd)
+        except BaseException:  # e.g. a full disk: give the lock back rather than keep it unnamed
+            _unlock(fd)
+            os.close(fd)
+            raise
+        lock = _held[_key(run_dir)] = RunLock(run_dir, fd)
         return lock
 
 
