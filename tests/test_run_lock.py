@@ -68,7 +68,7 @@ def test_a_second_minild_train_fails_naming_the_holder_and_touches_nothing(tmp_p
 
 def test_pipeline_train_into_a_held_run_dir_is_refused_before_it_writes(tmp_path):
     run_dir = tmp_path / "run"
-    pipe = minild.Pipeline.from_config(write_config(tmp_path))
+    pipe = minild.Pipeline.from_config(write_config(tmp_path, hooks=["checkpoint"]))
     with held_by_another_process(run_dir) as holder:
         before = snapshot(run_dir)
         with pytest.raises(lock.RunLockedError, match=refusal(run_dir, holder)):
@@ -77,6 +77,9 @@ def test_pipeline_train_into_a_held_run_dir_is_refused_before_it_writes(tmp_path
     pipe.train(tiny_dataset(32), run_dir=run_dir, max_steps=1)  # free again once the holder is gone
     assert runs.read_run(run_dir).step == 1
     assert not (run_dir / lock.LOCK_NAME).exists()  # released, and removed, when training returns
+    with held_by_another_process(run_dir) as holder:  # resume= alone names the run directory too
+        with pytest.raises(lock.RunLockedError, match=refusal(run_dir, holder)):
+            pipe.train(tiny_dataset(32), resume=run_dir, max_steps=2)
 
 
 def test_a_second_train_vae_fails_naming_the_holder_and_touches_nothing(tmp_path, capsys):

@@ -16,7 +16,7 @@ import torch
 
 from minild import plugins
 from minild.pipeline import generation
-from minild.training import lock
+from minild.training import checkpoint, lock
 from minild.conditioning import wants_text
 from minild.config import PipelineConfig, StageSpec, load_config
 from minild.data import known_class_names
@@ -157,7 +157,8 @@ class Pipeline:
         ``interrupted=True`` (after writing a checkpoint when there is a run directory); a
         second Ctrl-C raises ``KeyboardInterrupt`` at once. While it trains, it holds ``run_dir``'s
         lock (``minild.training.lock``): a second writer into the same directory is refused."""
-        with lock.hold(run_dir):
+        written = run_dir if run_dir is not None or resume is None else checkpoint.run_dir_of(resume)
+        with lock.hold(written):
             return self._train(dataset, run_dir=run_dir, resume=resume, overwrite=overwrite, **overrides)
 
     def _train(self, dataset, *, run_dir, resume, overwrite, **overrides: Any) -> TrainResult:

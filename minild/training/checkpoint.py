@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import uuid
@@ -34,11 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+
+from minild.training import checkpoint_state
 
 if TYPE_CHECKING:
     from minild.training.trainer import Trainer
@@ -254,9 +254,9 @@ def save_checkpoint(trainer: "Trainer") -> Path:
     tensors = {"model": model_state}
     if ema is not None:
         tensors["ema"] = ema.state_dict()
-    optimizer_tensors, optimizer_state = _split_optimizer_state(trainer.optimizer.state_dict())
+    optimizer_tensors, optimizer_state = checkpoint_state.split_optimizer_state(trainer.optimizer.state_dict())
     tensors["optimizer"] = optimizer_tensors
-    rng_tensors, rng_state = capture_rng(trainer.generator)
+    rng_tensors, rng_state = checkpoint_state.capture_rng(trainer.generator)
     history = {
         "losses": torch.tensor(trainer.losses, dtype=torch.float64),
         "epoch_losses": torch.tensor(trainer.epoch_losses, dtype=torch.float64),
@@ -292,8 +292,8 @@ def restore(trainer: "Trainer", checkpoint: Checkpoint) -> None:
         trainer.pipeline.ema_model = ema
     else:
         trainer.pipeline.ema_model = None
-    trainer.optimizer.load_state_dict(_join_optimizer_state(tensors["optimizer"], state["optimizer"]))
-    _match_param_layout(trainer.optimizer)
+    trainer.optimizer.load_state_dict(checkpoint_state.join_optimizer_state(tensors["optimizer"], state["optimizer"]))
+    checkpoint_state.match_param_layout(trainer.optimizer)
     trainer.scheduler.load_state_dict(state["scheduler"])
     if trainer.scaler is not None and state["grad_scaler"] is not None:
         trainer.scaler.load_state_dict(state["grad_scaler"])
@@ -312,78 +312,15 @@ def restore(trainer: "Trainer", checkpoint: Checkpoint) -> None:
     trainer.epoch_losses = tensors["trainer"]["epoch_losses"].tolist()
 
 
-def capture_rng(generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Every RNG state a training step can touch: tensors and their JSON remainder."""
-    tensors = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{index}"] = cuda_state
-    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    tensors["numpy"] = torch.from_numpy(keys.astype(np.int64))
-    version, python_state, gauss_next = random.getstate()
-    tensors["python"] = torch.tensor(python_state, dtype=torch.int64)
-    json_state = {
-        "numpy": {"kind": kind, "position": int(position), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached_gaussian)},
-        "python": {"version": version, "gauss_next": gauss_next},
-    }
-    return tensors, json_state
-
-
 def restore_global_rng(checkpoint: Checkpoint) -> None:
     """Set the global torch (CPU, CUDA), numpy and python RNGs to the checkpoint's states."""
-    tensors, state = checkpoint.tensors["trainer"], checkpoint.state["rng"]
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
-    if cuda_states and len(cuda_states) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda_states)
-    numpy_state = state["numpy"]
-    np.random.set_state((
-        numpy_state["kind"], tensors["rng.numpy"].numpy().astype(np.uint32), numpy_state["position"],
-        numpy_state["has_gauss"], numpy_state["cached_gaussian"],
-    ))
-    python_state = state["python"]
-    random.setstate((python_state["version"], tuple(tensors["rng.python"].tolist()), python_state["gauss_next"]))
+    checkpoint_state.restore_global_rng(checkpoint.tensors["trainer"], checkpoint.state["rng"])
 
 
 def _check_finite(state: dict[str, torch.Tensor], step: int) -> None:
     floats = [tensor for tensor in state.values() if tensor.is_floating_point()]
     if floats and not torch.stack([tensor.isfinite().all() for tensor in floats]).all():
         raise CheckpointError(f"the model has NaN or inf weights after step {step}: not writing a checkpoint of them")
-
-
-def _split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``optimizer.state_dict()`` → tensors named ``state.<param>.<key>`` + the JSON rest."""
-    tensors, rest = {}, {}
-    for index, values in state_dict["state"].items():
-        for key, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{index}.{key}"] = value
-            else:
-                rest.setdefault(str(index), {})[key] = value
-    return tensors, {"param_groups": state_dict["param_groups"], "state": rest}
-
-
-def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for name, tensor in tensors.items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = tensor
-    for index, values in rest["state"].items():
-        state.setdefault(int(index), {}).update(values)
-    groups = [{key: tuple(value) if key == "betas" else value for key, value in group.items()}
-              for group in rest["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def _match_param_layout(optimizer: torch.optim.Optimizer) -> None:
-    """Give restored moment tensors their parameter's memory format (channels_last), as the
-    optimizer's own ``zeros_like(param)`` initialisation does."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            for key, value in optimizer.state.get(param, {}).items():
-                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
-                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _load_module(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

@@ -82,9 +82,13 @@ def acquire(run_dir: str | Path) -> RunLock:
             held._holds += 1
             return held
         fd = _open_locked(run_dir)
-        lock = RunLock(run_dir, fd)
-        _write_holder(fd)
-        _held[_key(run_dir)] = lock
+        try:
+            _write_holder(fd)
+        except BaseException:  # e.g. a full disk: give the lock back rather than keep it unnamed
+            _unlock(fd)
+            os.close(fd)
+            raise
+        lock = _held[_key(run_dir)] = RunLock(run_dir, fd)
         return lock
 
 
@@ -123,21 +127,15 @@ def _key(run_dir: Path) -> str:
 
 def _open_locked(run_dir: Path) -> int:
     path = run_dir / LOCK_NAME
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UnwritableDirectoryError(
-            f"cannot create the run directory {run_dir} ({err.strerror or err}): choose another one (--out DIR) "
-            "or make its parent writable"
-        ) from err
     while True:
         try:
+            run_dir.mkdir(parents=True, exist_ok=True)
             # No O_TRUNC: a refused writer must leave the holder's file as it is.
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as err:
             raise UnwritableDirectoryError(
                 f"cannot write to the run directory {run_dir} ({err.strerror or err}): choose another one "
-                "(--out DIR) or make it writable"
+                "(e.g. --out DIR) or make it writable"
             ) from err
         if not _try_lock(fd):
             os.close(fd)
