@@ -38,6 +38,7 @@ from minild.conformance import (  # noqa: F401  (helpers re-exported for plugin 
     toy_eps,
 )
 from minild.guidance_conformance import GuidanceConformance  # noqa: F401
+from minild.testing_editing import EditingSamplerChecks
 from minild.testing_stepwise import StepwiseSamplerChecks
 
 # ---------------------------------------------------------------------------- schedules
@@ -215,7 +216,7 @@ class ModelConformance(_Conformance):
 # ---------------------------------------------------------------------------- samplers
 
 
-class SamplerConformance(_Conformance, StepwiseSamplerChecks):
+class SamplerConformance(_Conformance, StepwiseSamplerChecks, EditingSamplerChecks):
     """``sampler.sample(model_fn, shape, ...)`` draws every random number through the
     generator, follows the latents' dtype and device, and works with a guided ``model_fn``.
 
