@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 import minild
-from minild import editing, plugins
+from minild import editing
 from minild.cli import main
 from tests.conftest import tiny_config
 
@@ -305,13 +305,11 @@ class _Plugin:
 
 @pytest.fixture
 def one_shot_sampler():
-    plugin = _Plugin()
-    plugins.get_plugin_manager().register(plugin)
+    name = minild.register_plugin(_Plugin(), name="one-shot-for-editing")
     try:
         yield "one_shot_for_editing"
     finally:
-        plugins.get_plugin_manager().unregister(plugin)
-        plugins.reset_plugin_manager()
+        minild.unregister_plugin(name)
 
 
 def test_a_sampler_without_start_step_is_refused_for_img2img_and_without_step_for_inpainting(pipe, one_shot_sampler):
