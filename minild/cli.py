@@ -90,6 +90,16 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--guidance-scale", type=float, default=None, help=RUN_GUIDANCE_HELP)
     sample.add_argument("--no-ema", action="store_true", help="sample with the raw weights, not the EMA")
     sample.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/samples.png)")
+    sample.add_argument("--image", nargs="+", default=None, metavar="PNG",
+                        help="edit these images instead of sampling from noise (used in turn for the --num images; "
+                             "see docs/editing.md)")
+    sample.add_argument("--strength", type=float, default=None,
+                        help="with --image: how far into the noise to go, 0–1 (1 = from noise, default)")
+    sample.add_argument("--mask", default=None, metavar="PNG",
+                        help="with --image: inpaint where this grayscale mask is white (>= 0.5), keep the rest")
+    sample.add_argument("--jump-length", type=int, default=10, help="with --mask: RePaint jump length")
+    sample.add_argument("--jump-n-sample", type=int, default=1,
+                        help="with --mask: RePaint resamplings per jump (1 = none)")
     sample.set_defaults(run=_sample)
 
     listing = commands.add_parser("plugins", help="list registered stages and the plugins that provide them")
@@ -305,9 +315,15 @@ def _sample(args) -> int:
         conditions = {"class_labels": [args.class_label] * args.num}
     else:
         conditions = grid_conditions(pipe, args.num)
+    edit = {}
+    if args.image is not None or args.mask is not None or args.strength is not None:
+        if args.image is None:
+            raise ValueError("--mask and --strength need --image: the image to edit")
+        edit = {"image": [args.image[i % len(args.image)] for i in range(args.num)], "mask": args.mask,
+                "strength": args.strength, "jump_length": args.jump_length, "jump_n_sample": args.jump_n_sample}
     images = pipe.generate(
-        args.num, **conditions, guidance=guidance, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
-        sampler=sampler, seed=args.seed, use_ema=not args.no_ema,
+        None if edit else args.num, **conditions, guidance=guidance, guidance_scale=args.guidance_scale,
+        num_inference_steps=args.steps, sampler=sampler, seed=args.seed, use_ema=not args.no_ema, **edit,
     )
     path = Path(args.out or Path(args.run_dir) / "samples.png")
     caption = sampling_caption(pipe, conditions, guidance=guidance, guidance_scale=args.guidance_scale,

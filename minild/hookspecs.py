@@ -71,6 +71,18 @@ def register_samplers(register):
       least ``{"i", "t", "x", "x0_pred"}``;
     - returns the final sample ``[B, C, H, W]`` in model space (images in [-1, 1]).
 
+    Optionally, starting part-way down the chain, which image editing needs
+    (``generate(image=…)``, SDEdit; ``minild.pipeline.editing``):
+
+    - ``sample(…, start_step=k)``: walk only ``timesteps(num_inference_steps)[k:]``, with
+      ``latents`` the state x_t at ``t = timesteps(num_inference_steps)[k]`` in the DDPM scale
+      (√ᾱ_t x0 + √(1 − ᾱ_t) ε: a noised image, not unit noise); ``start_step=0`` (the default)
+      is the ordinary chain. The callback's ``i`` counts the steps taken, from 0. A multistep
+      sampler starts its history afresh at the first of them. It needs ``timesteps`` below (the
+      pipeline noises the image to ``timesteps(n)[k]``); ``k`` is diffusers' img2img
+      ``t_start = n − min(int(n · strength), n)``. A sampler whose ``sample`` takes no
+      ``start_step`` is refused for ``generate(image=…)`` with an error that says so.
+
     Optionally, the step-wise interface that lets the sampler drive diffusers pipelines
     (``minild.lab.scheduler_adapter.MinildScheduler``, ``--scheduler minild:<name>[:key=value,…]``):
 
@@ -88,6 +100,10 @@ def register_samplers(register):
       (diffusers' ``init_noise_sigma``), shows the model ``x / state_scale(t)``
       (``scale_model_input``) and noises images into that scale (``add_noise``). Without it
       the state is x_t.
+
+    Inpainting (``generate(image=…, mask=…)``) drives this step-wise interface itself, since it
+    replaces the kept region of the state between steps (and RePaint steps back up the chain);
+    a sampler without ``timesteps`` and ``step`` is refused for it with an error that says so.
 
     The adapter reads the pipeline's scheduler config into the sampler's options of the same
     meaning when it has them: ``steps_offset``, ``timestep_spacing``, ``final_alpha_cumprod``

@@ -12,18 +12,16 @@ from typing import Any, Callable
 import torch
 
 from minild import plugins
+from minild.pipeline import editing
 from minild.conditioning import wants_classes, wants_text
 from minild.config import StageSpec, parse_stage
 from minild.devices import resolve_batch_size, resolve_device, use_channels_last
+from minild.errors import GenerateArgumentError
 from minild.pipeline.guidance import check_scale, guided_model_fn
 
 DEFAULT_NUM_INFERENCE_STEPS = 50  # for samplers that configure no num_inference_steps of their own
 OUTPUT_TYPES = ("pt", "np", "pil")
 PLAIN_CFG = StageSpec("cfg", {"scale": 1.0})  # a config without a guidance stage: the plain conditional model
-
-
-class GenerateArgumentError(ValueError):
-    """An argument of ``Pipeline.generate`` (or ``minild sample``) is of the wrong kind or out of range."""
 
 
 # -- argument checks -----------------------------------------------------------------------
@@ -177,7 +175,8 @@ def guidance_spec(config_guidance: StageSpec | None, guidance: Any, guidance_sca
 @torch.no_grad()
 def generate(pipe, num_images=None, *, class_labels=None, prompts=None, guidance=None, guidance_scale=None,
              num_inference_steps=None, sampler=None, generator=None, seed=None, latents=None, output_type="pt",
-             use_ema=True, device=None, callback=None, batch_size="auto"):
+             use_ema=True, device=None, callback=None, batch_size="auto", image=None, mask=None, strength=None,
+             jump_length=10, jump_n_sample=1):
     """``Pipeline.generate`` (its docstring is the documentation)."""
     num_images = check_count("num_images", num_images)
     num_inference_steps = check_count("num_inference_steps", num_inference_steps)
@@ -190,6 +189,9 @@ def generate(pipe, num_images=None, *, class_labels=None, prompts=None, guidance
     run_device = check_device(device, pipe.config.train.device)
     spec = guidance_spec(pipe.config.guidance, guidance, guidance_scale)
     labels = class_labels_tensor(class_labels, getattr(pipe.model, "num_classes", None), pipe.config.model.name)
+    edit = editing.prepare(pipe, image, mask, strength, jump_length, jump_n_sample)
+    if edit is not None:  # one output per input image
+        num_images = editing.check_batch(edit, num_images, labels, prompts)
     prompts = prompt_list(prompts, num_images)
     if prompts is not None and (pipe.text_encoder is None or not wants_text(pipe.model)):
         raise GenerateArgumentError(
@@ -216,6 +218,11 @@ def generate(pipe, num_images=None, *, class_labels=None, prompts=None, guidance
     )
     if num_inference_steps is None:
         num_inference_steps = getattr(sampler_stage, "num_inference_steps", None) or DEFAULT_NUM_INFERENCE_STEPS
+    if edit is not None:
+        name = pipe.config.sampler.name if sampler is None else parse_stage("sampler", sampler, "generate()", "sampler").name
+        editing.plan(edit, pipe, sampler_stage, name, num_inference_steps, generator)
+        if edit.num_steps == 0:  # strength too low for one step: the input as it is
+            return _convert(edit.images.clone(), output_type)
     guidance_stage = plugins.create("guidance", spec.name, **spec.params)
     model = pipe.ema_model if use_ema and pipe.ema_model is not None else pipe.model
     model.to(run_device).eval()
@@ -243,17 +250,21 @@ def generate(pipe, num_images=None, *, class_labels=None, prompts=None, guidance
                 model_fn = _conditional(model, chunk_cond)
             chunk_latents = latents[chunk].to(run_device)
             # inference_mode skips autograd's version counting (no_grad does not); the same numbers.
+            chunk_generator = generator[chunk] if isinstance(generator, list) else generator
             with torch.inference_mode():
-                samples = sampler_stage.sample(
-                    model_fn, tuple(chunk_latents.shape), num_inference_steps=num_inference_steps,
-                    generator=generator[chunk] if isinstance(generator, list) else generator,
-                    latents=chunk_latents, callback=callback,
-                )
+                if edit is None:
+                    samples = sampler_stage.sample(
+                        model_fn, tuple(chunk_latents.shape), num_inference_steps=num_inference_steps,
+                        generator=chunk_generator, latents=chunk_latents, callback=callback,
+                    )
+                else:  # the latents are the noise that the images are noised with
+                    samples = editing.sample_chunk(edit, chunk, sampler_stage, pipe.schedule, model_fn,
+                                                   num_inference_steps, chunk_generator, chunk_latents, callback)
                 if pipe.vae is not None:
                     samples = pipe.vae.decode(samples.to(module_device(pipe.vae)))
                 chunks.append(((samples.float().cpu() + 1) / 2).clamp(0, 1))
     # Outside inference mode: an ordinary (contiguous) tensor the caller may modify.
-    images = torch.cat(chunks).contiguous()
+    images = editing.paste_known(torch.cat(chunks), edit).contiguous()
     return _convert(images, output_type)
 
 

@@ -270,8 +270,13 @@ class Pipeline:
         device: str | None = None,
         callback: Callable[[dict], None] | None = None,
         batch_size: int | str | None = "auto",
+        image: Any = None,
+        mask: Any = None,
+        strength: float | None = None,
+        jump_length: int = 10,
+        jump_n_sample: int = 1,
     ):
-        """Sample images, returned in [0, 1].
+        """Sample images, returned in [0, 1]; or edit ``image`` (SDEdit, inpainting: docs/editing.md).
 
         ``guidance`` overrides the config's guidance stage by name or ``{name: ..., **params}``
         (``"cfg"``, ``"cfg_interval"``, ``"cfg_rescale"``, ``"apg"`` or a plugin's); ``guidance_scale``
@@ -296,12 +301,27 @@ class Pipeline:
         ``callback`` is called for every step of every chunk. The model runs in channels_last
         memory format on a CPU and contiguous on a GPU (``train.channels_last`` true or false
         forces one) and is given back its own layout afterwards. Every argument is checked: a wrong one is a ``ValueError`` naming it.
+
+        Editing (``minild.pipeline.editing``). ``image``: a ``[B, C, H, W]`` (or ``[C, H, W]``) tensor in [0, 1],
+        a PIL image, a file path or a list of them, resized to the pipeline's image size (PIL:
+        Lanczos, tensors: nearest, as diffusers' VaeImageProcessor); one output per image, and
+        ``latents`` (optional) are then the noise ε the images are noised with. ``strength`` in
+        [0, 1] (default 1) follows diffusers' img2img: the chain of ``num_inference_steps`` is
+        entered at ``t_start = n − min(int(n · strength), n)``, the image noised to that timestep,
+        and ``int(n · strength)`` steps run (none: the input comes back). ``mask`` (tensor, L-mode
+        PIL image, path, one per image or one for all, of the image's size; binarized at 0.5,
+        1 = regenerate) inpaints: after every step the kept region is the image noised afresh to
+        that level (on the latent grid for a latent model: a cell is regenerated when any of its
+        pixels is), and the kept pixels are pasted back at the end, so they come back exactly.
+        ``jump_n_sample`` > 1 adds RePaint's resampling: every ``jump_length`` steps the state is
+        noised back up ``jump_length`` steps and denoised again, ``jump_n_sample − 1`` times.
         """
         return generation.generate(
             self, num_images, class_labels=class_labels, prompts=prompts, guidance=guidance,
             guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, sampler=sampler,
             generator=generator, seed=seed, latents=latents, output_type=output_type, use_ema=use_ema,
-            device=device, callback=callback, batch_size=batch_size,
+            device=device, callback=callback, batch_size=batch_size, image=image, mask=mask, strength=strength,
+            jump_length=jump_length, jump_n_sample=jump_n_sample,
         )
 
 

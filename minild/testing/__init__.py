@@ -37,6 +37,7 @@ from minild.testing.base import (  # noqa: F401  (helpers re-exported for plugin
     seeded,
     toy_eps,
 )
+from minild.testing.editing import EditingSamplerChecks
 from minild.testing.guidance import GuidanceConformance  # noqa: F401
 from minild.testing.stepwise import StepwiseSamplerChecks
 
@@ -215,7 +216,7 @@ class ModelConformance(_Conformance):
 # ---------------------------------------------------------------------------- samplers
 
 
-class SamplerConformance(_Conformance, StepwiseSamplerChecks):
+class SamplerConformance(_Conformance, StepwiseSamplerChecks, EditingSamplerChecks):
     """``sampler.sample(model_fn, shape, ...)`` draws every random number through the
     generator, follows the latents' dtype and device, and works with a guided ``model_fn``.
 

@@ -87,6 +87,17 @@ def initial_latents(
     return randn(shape, generator, torch.device(device or "cpu"), torch.float32)
 
 
+def chain_from(timesteps: list[int], start_step) -> list[int]:
+    """``timesteps[start_step:]``: the chain an edit (SDEdit, inpainting) walks from the image it
+    noised to ``timesteps[start_step]``; ``start_step`` an integer in [0, len(timesteps))."""
+    if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step < len(timesteps):
+        raise ValueError(
+            f"start_step must be an integer in [0, {len(timesteps)}) for a chain of {len(timesteps)} steps, "
+            f"got {start_step!r}"
+        )
+    return timesteps[start_step:]
+
+
 def run_chain(sampler, model_fn, x: torch.Tensor, timesteps: list[int], generator: GeneratorOrList, callback):
     """The loop every step-wise sampler shares: ε from ``model_fn`` at each timestep, then
     ``sampler.step`` to the next one (``t_prev=None`` after the last), ``callback`` after each."""

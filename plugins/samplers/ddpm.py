@@ -17,6 +17,7 @@ from .common import (
     check_default_steps,
     check_clip_sample_range,
     check_steps_offset,
+    chain_from,
     initial_latents,
     run_chain,
     leading_timesteps,
@@ -76,16 +77,19 @@ class DDPMSampler:
         latents: torch.Tensor | None = None,
         callback: Callable[[dict], None] | None = None,
         device: str | torch.device | None = None,
+        start_step: int = 0,
     ) -> torch.Tensor:
         """Denoise x_T of ``shape`` (B, C, H, W) into x_0 with ``model_fn(x, t) -> eps``.
 
         ``num_inference_steps`` (default: the sampler's, else every one of the T training steps)
         walks ``self.timesteps(num_inference_steps)``, each step jumping to the next one. Without
         ``latents``, x_T is drawn with ``generator`` on ``device`` (default CPU), in float32.
+        ``start_step`` k > 0 walks only the chain's last n − k timesteps: ``latents`` is then x_t at
+        ``timesteps(n)[k]``, an image noised there (SDEdit), rather than x_T.
         """
         if num_inference_steps is None:
             num_inference_steps = self.num_inference_steps or self.schedule.num_timesteps
-        timesteps = self.timesteps(num_inference_steps)
+        timesteps = chain_from(self.timesteps(num_inference_steps), start_step)
         x = initial_latents(shape, generator, latents, device)
         # Each step: ε = model_fn(x_t, t), then self.step to the next timestep (common.run_chain).
         return run_chain(self, model_fn, x, timesteps, generator, callback)
