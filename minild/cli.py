@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="delete the run that --out holds and start over (by default an unfinished run of the "
                             "same config is resumed, a finished one left as it is, another config's refused)")
-    train.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
+    train.add_argument("--max-steps", type=int, default=None,
+                       help="stop after N optimizer steps (a VAE trained first for the run is capped at N steps too)")
     train.add_argument("--max-minutes", type=float, default=None, help="stop after M minutes of training")
     train.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default: from the config)")
     train.add_argument("--grid", type=int, default=100, help="images in the sample grid written after training (0: none)")
@@ -77,13 +78,16 @@ def _parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="sample a grid of images from a saved run")
     sample.add_argument("run_dir", help="directory written by `minild train` or Pipeline.save_pretrained")
-    sample.add_argument("--num", type=int, default=100, help="number of images")
+    sample.add_argument("--num", type=int, default=None,
+                        help="number of images (default 100), or of images per --prompt (default 10)")
     sample.add_argument("--steps", type=int, default=None,
                         help="number of inference steps (default: the sampler's num_inference_steps, else 50)")
     sample.add_argument("--sampler", default=None, help="sampler name (default: the run's sampler)")
     sample.add_argument("--eta", type=float, default=None, help="DDIM eta (with --sampler ddim)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--class-label", type=int, default=None, help="generate only this class")
+    sample.add_argument("--prompt", action="append", default=None,
+                        help="a prompt for a text-conditioned run (repeat for more): one row of --num images each")
     sample.add_argument("--guidance", metavar="NAME[:KEY=VALUE,...]", default=None,
                         help="guidance method and its params, e.g. apg or cfg_interval:scale=3,sigma_low=0.3 "
                              "(default: the run's; see `minild plugins`)")
@@ -207,9 +211,15 @@ def parse_guidance(text: str) -> dict:
 
 
 def _train(args) -> int:
+    from minild.config import load_config
     from minild.pipeline import Pipeline
+    from minild.vae_bootstrap import ensure_vae
 
-    pipe = Pipeline.from_config(args.config)
+    config = load_config(args.config)
+    # A latent config whose vae.pretrained holds no VAE yet trains it first (its vae_training config);
+    # --max-steps caps that too, so a quick run checks the whole chain.
+    ensure_vae(config, config_path=args.config, max_steps=args.max_steps, device=args.device, log=print)
+    pipe = Pipeline.from_config(config)
     overrides = {}
     if args.max_steps is not None:
         overrides["max_steps"] = args.max_steps
@@ -279,10 +289,14 @@ def _train_vae(args) -> int:
 
 
 def _sample(args) -> int:
+    from minild.images import save_labeled_grid
     from minild.pipeline import Pipeline
 
-    if args.num < 1:
-        raise ValueError(f"--num must be a positive number of images, got {args.num}")
+    if args.prompt is not None and args.class_label is not None:
+        raise ValueError("give --prompt or --class-label, not both")
+    num = args.num if args.num is not None else 10 if args.prompt is not None else 100
+    if num < 1:
+        raise ValueError(f"--num must be a positive number of images, got {num}")
     guidance = parse_guidance(args.guidance) if args.guidance is not None else None
     pipe = Pipeline.from_pretrained(args.run_dir)
     sampler = None
@@ -290,20 +304,25 @@ def _sample(args) -> int:
         sampler = {"name": args.sampler or pipe.config.sampler.name}
         if args.eta is not None:
             sampler["eta"] = args.eta
-    if args.class_label is not None:
-        conditions = {"class_labels": [args.class_label] * args.num}
+    if args.prompt is not None:  # one row of num images per prompt
+        conditions = {"prompts": [prompt for prompt in args.prompt for _ in range(num)]}
+    elif args.class_label is not None:
+        conditions = {"class_labels": [args.class_label] * num}
     else:
-        conditions = grid_conditions(pipe, args.num)
+        conditions = grid_conditions(pipe, num)
     images = pipe.generate(
-        args.num, **conditions, guidance=guidance, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
-        sampler=sampler, seed=args.seed, use_ema=not args.no_ema,
+        **conditions, guidance=guidance, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
+        sampler=sampler, seed=args.seed, use_ema=not args.no_ema, **({} if conditions else {"num_images": num}),
     )
     path = Path(args.out or Path(args.run_dir) / "samples.png")
     caption = sampling_caption(pipe, conditions, guidance=guidance, guidance_scale=args.guidance_scale,
                                num_inference_steps=args.steps, sampler=args.sampler)
     title = f"{Path(args.run_dir).name}: " + (f"class {args.class_label} · " if args.class_label is not None else "")
     title += f"{caption} · seed {args.seed}" + (" · raw weights" if args.no_ema and pipe.ema_model is not None else "")
-    save_sample_grid(pipe, images, path, title=title, conditioned=args.class_label is None)
+    if args.prompt is not None:
+        save_labeled_grid(images.unflatten(0, (len(args.prompt), num)), path, row_labels=args.prompt, title=title)
+    else:
+        save_sample_grid(pipe, images, path, title=title, conditioned=args.class_label is None)
     print(f"wrote {path}")
     return 0
 
