@@ -17,7 +17,9 @@ from minild.data import load_dataset
 from minild.experiments import (
     DIGIT_WORDS,
     default_digit_prompts,
+    format_cfg_markdown,
     load_prompts_file,
+    real_digits_baseline,
     run_cfg_digits,
     run_prompt_digits,
 )
@@ -89,11 +91,25 @@ def test_cfg_digits_writes_grid_csv_and_markdown_with_one_row_per_scale(tmp_path
     assert len(table) == 3
     assert float(table[2]["guidance_scale"]) == 3.0 and "accuracy_9" in table[2]
     markdown = (tmp_path / "results.md").read_text()
-    assert "| method | guidance scale | paper w | mean acc | digit-FID | seconds | evaluations |" in markdown
+    assert ("| method | guidance scale | paper w | mean acc | digit-FID | floor FID | FID ÷ floor | KID×10³ | "
+            "floor KID×10³ | seconds | evaluations |") in markdown
     assert len([line for line in markdown.splitlines() if line.startswith("| cfg | ")]) == 3
     # 10 labelled rows of digits, enlarged; 3 blocks of 4 columns under their headers.
     width, height = Image.open(tmp_path / "grid.png").size
     assert width > 2 * 3 * 4 * CELL and height > 2 * 10 * CELL
+
+
+def test_cfg_digits_puts_the_real_digit_floor_at_the_same_n_and_kid_beside_each_fid(classifier):
+    rows = run_cfg_digits(RealDigitsPipeline(), guidance_scales=(1.0,), per_class=3, batch_size=32,
+                          classifier=classifier)
+    reference = metrics.digit_features(classifier, (load_dataset("digits", split="test").images + 1) / 2)
+    floor = real_digits_baseline(classifier, 30, reference)
+    assert floor["num_images"] == 30
+    assert rows[0]["floor_digit_fid"] == floor["digit_fid"] and rows[0]["floor_kid"] == floor["kid"]
+    # FID's small-n bias: the floor at 30 images sits far above the floor at 1,000.
+    assert floor["digit_fid"] > 1.5 * real_digits_baseline(classifier, 1000, reference)["digit_fid"]
+    row = format_cfg_markdown(rows).splitlines()[6]
+    assert f"| {rows[0]['digit_fid']:.2f} | {floor['digit_fid']:.2f} | " in row and f"{1000 * floor['kid']:.2f}" in row
 
 
 def test_cfg_digits_samples_in_bounded_seeded_batches(classifier):
