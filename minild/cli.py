@@ -120,6 +120,13 @@ def _parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompts-file", default=None, help="YAML mapping digit → list of prompts "
                         "(default: 'a handwritten digit seven', '7', 'seven' for every digit)")
     prompt.add_argument("--per-prompt", type=int, default=20, help="images per prompt")
+    prompt.add_argument("--methods", type=_guidance_specs, nargs="+", default=None, metavar="NAME[:k=v,…]",
+                        help="with --scales: the guidance frontier over methods × scales × phrasings instead")
+    prompt.add_argument("--scales", type=float, nargs="+", default=None, help="guidance scales of the frontier")
+    prompt.add_argument("--phrasings", nargs="+", default=None, metavar="TEMPLATE",
+                        help="frontier prompt templates, e.g. 'the digit {label}' (default: training ones and held-out)")
+    prompt.add_argument("--per-class", type=int, default=20, help="frontier images per digit, cell and phrasing")
+    prompt.add_argument("--sampler", default=None, help="frontier sampler name (default: the run's sampler)")
     prompt.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE, help=GUIDANCE_HELP)
     prompt.add_argument("--steps", type=int, default=50, help="number of inference steps")
     prompt.add_argument("--seed", type=int, default=0)
@@ -348,6 +355,19 @@ def _experiment(args) -> int:
 
     pipe = Pipeline.from_pretrained(args.run_dir)
     common = dict(num_inference_steps=args.steps, seed=args.seed, batch_size=args.batch_size)
+    frontier = wants_text(pipe.model) and (args.experiment == "cfg-digits" or args.scales is not None
+                                           or args.methods is not None)
+    if frontier:  # a text model: methods × scales × phrasings
+        from minild.guidance_frontier import run_prompt_frontier
+
+        out = Path(args.out or Path(args.run_dir) / args.experiment.replace("-", "_"))
+        methods = [spec for specs in args.methods for spec in specs] if args.methods else None
+        run_prompt_frontier(pipe, methods=methods, guidance_scales=args.scales or (1.0, 2.0, 3.0, 5.0),
+                            phrasings=getattr(args, "phrasings", None), per_class=args.per_class, sampler=args.sampler,
+                            out_dir=out, classifier=load_digit_classifier(), log=print, **common)
+        print((out / "results.md").read_text())
+        print(f"wrote {out}")
+        return 0
     if args.experiment == "cfg-digits":
         if getattr(pipe.model, "num_classes", None) != 10:
             raise ValueError(f"{args.run_dir} is not a class-conditional digit run (model.num_classes must be 10); "
