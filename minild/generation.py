@@ -257,7 +257,9 @@ def generate(pipe, num_images=None, *, class_labels=None, prompts=None, guidance
     # sampled 1.25× faster in its contiguous layout (minild.train_step.use_channels_last); only
     # float rounding changes.
     channels_last = use_channels_last(pipe.config.train.channels_last, run_device, compiled=False)
-    with memory_format(model, torch.channels_last if channels_last else None):
+    layout = torch.channels_last if channels_last else None
+    vae = pipe.vae if isinstance(pipe.vae, torch.nn.Module) else None  # the decoder gains the same on a CPU
+    with memory_format(model, layout), memory_format(vae, layout if vae is not None else None):
         for start in range(0, num_images, chunk_size):
             chunk = slice(start, start + chunk_size)
             chunk_cond = {key: value[chunk] for key, value in cond.items()}
