@@ -128,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     prompt.add_argument("--per-class", type=int, default=20, help="frontier images per digit, cell and phrasing")
     prompt.add_argument("--sampler", default=None, help="frontier sampler name (default: the run's sampler)")
     prompt.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE, help=GUIDANCE_HELP)
-    prompt.add_argument("--steps", type=int, default=50, help="number of inference steps")
+    prompt.add_argument("--steps", type=int, default=None,
+                        help="number of inference steps (default 50; the frontier: the run's sampler's)")
     prompt.add_argument("--seed", type=int, default=0)
     prompt.add_argument("--batch-size", type=int, default=200, help="images per generate() call")
     prompt.add_argument("--out", default=None, help="output folder (default: RUN_DIR/prompt_digits)")
@@ -350,47 +351,38 @@ def _plugins(args) -> int:
 def _experiment(args) -> int:
     from minild import experiments
     from minild.conditioning import wants_text
+    from minild.guidance_frontier import run_prompt_frontier
     from minild.metrics import load_digit_classifier
     from minild.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(args.run_dir)
     common = dict(num_inference_steps=args.steps, seed=args.seed, batch_size=args.batch_size)
-    frontier = wants_text(pipe.model) and (args.experiment == "cfg-digits" or args.scales is not None
-                                           or args.methods is not None)
-    if frontier:  # a text model: methods × scales × phrasings
-        from minild.guidance_frontier import run_prompt_frontier
-
-        out = Path(args.out or Path(args.run_dir) / args.experiment.replace("-", "_"))
-        methods = [spec for specs in args.methods for spec in specs] if args.methods else None
-        run_prompt_frontier(pipe, methods=methods, guidance_scales=args.scales or (1.0, 2.0, 3.0, 5.0),
-                            phrasings=getattr(args, "phrasings", None), per_class=args.per_class, sampler=args.sampler,
-                            out_dir=out, classifier=load_digit_classifier(), log=print, **common)
-        print((out / "results.md").read_text())
-        print(f"wrote {out}")
-        return 0
-    if args.experiment == "cfg-digits":
-        if getattr(pipe.model, "num_classes", None) != 10:
-            raise ValueError(f"{args.run_dir} is not a class-conditional digit run (model.num_classes must be 10); "
-                             "cfg-digits needs one (train configs/digits_class_cfg.yaml)")
-        out = Path(args.out or Path(args.run_dir) / "cfg_digits")
-    else:
-        if not wants_text(pipe.model):
-            raise ValueError(f"{args.run_dir} is not a text-conditioned run; prompt-digits needs one "
-                             "(train configs/digits_text_cfg.yaml)")
-        prompts = (experiments.load_prompts_file(args.prompts_file) if args.prompts_file
-                   else experiments.default_digit_prompts())
-        out = Path(args.out or Path(args.run_dir) / "prompt_digits")
+    text = wants_text(pipe.model)
+    # A text model's frontier: methods × scales × phrasings (cfg-digits, or prompt-digits with --scales/--methods).
+    frontier = text and (args.experiment == "cfg-digits" or args.scales is not None or args.methods is not None)
+    if args.experiment == "cfg-digits" and not text and getattr(pipe.model, "num_classes", None) != 10:
+        raise ValueError(f"{args.run_dir} is not a class-conditional digit run (model.num_classes must be 10) nor a "
+                         "text-conditioned one; cfg-digits needs one (train configs/digits_class_cfg.yaml)")
+    if args.experiment == "prompt-digits" and not text:
+        raise ValueError(f"{args.run_dir} is not a text-conditioned run; prompt-digits needs one "
+                         "(train configs/digits_text_latent.yaml)")
+    out = Path(args.out or Path(args.run_dir) / args.experiment.replace("-", "_"))
+    methods = [spec for specs in args.methods for spec in specs] if args.methods else None
     classifier = load_digit_classifier()
     print(f"digit classifier: {classifier.info['test_accuracy']:.1%} accuracy on the held-out test digits")
-    if args.experiment == "cfg-digits":
-        methods = [spec for specs in args.methods for spec in specs] if args.methods else None
+    if frontier:
+        run_prompt_frontier(pipe, methods=methods, guidance_scales=args.scales or (1.0, 2.0, 3.0, 5.0),
+                            phrasings=getattr(args, "phrasings", None), per_class=args.per_class, sampler=args.sampler,
+                            out_dir=out, classifier=classifier, log=print, **common)
+    elif args.experiment == "cfg-digits":
         experiments.run_cfg_digits(pipe, methods=methods, guidance_scales=args.scales, per_class=args.per_class,
                                    sampler=args.sampler, out_dir=out, classifier=classifier, log=print, **common)
-        print((out / "results.md").read_text())
     else:
+        prompts = (experiments.load_prompts_file(args.prompts_file) if args.prompts_file
+                   else experiments.default_digit_prompts())
         experiments.run_prompt_digits(pipe, prompts, per_prompt=args.per_prompt, guidance_scale=args.guidance_scale,
-                                      out_dir=out, classifier=classifier, **common)
-        print((out / "prompts.md").read_text())
+                                      out_dir=out, classifier=classifier, **{**common, "num_inference_steps": args.steps or 50})
+    print((out / ("prompts.md" if args.experiment == "prompt-digits" and not frontier else "results.md")).read_text())
     print(f"wrote {out}")
     return 0
 
