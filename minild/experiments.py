@@ -181,7 +181,7 @@ def format_cfg_markdown(rows: list[dict], *, settings: str = "", baseline: dict 
         "Digit-FID: against the 500 held-out test digits (lower is closer). Evaluations: images through "
         "the eps-model per sample. " + SCORES_LEGEND + (f" {settings}." if settings else ""),
         "",
-        f"| method | guidance scale | paper w | mean acc | digit-FID | floor FID | FID ÷ floor | KID×10³ | floor KID×10³ "
+        f"| method | guidance scale | paper w | mean acc | digit-FID | floor FID | FID ÷ floor | KID | floor KID "
         f"| seconds | evaluations | {digits} |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * NUM_DIGITS,
     ]
@@ -197,7 +197,7 @@ def format_cfg_markdown(rows: list[dict], *, settings: str = "", baseline: dict 
     if baseline is not None:
         lines += [
             f"Real training digits ({baseline['num_images']}) score {baseline['mean_accuracy']:.1%} accuracy, "
-            f"digit-FID {baseline['digit_fid']:.2f} and KID×10³ {1000 * baseline['kid']:.2f}: the floor at this "
+            f"digit-FID {baseline['digit_fid']:.2f} and KID {baseline['kid']:.3g}: the floor at this "
             "sample size.",
             "",
         ]
@@ -211,14 +211,15 @@ SCORES_LEGEND = (
     "Floor FID: real training digits, as many as the row's samples, against the same test digits — FID is "
     "biased upwards at small n, so read a digit-FID only beside the floor at its n (FID ÷ floor near 1 is as "
     "varied as real digits). KID: the unbiased squared MMD with the cubic polynomial kernel on the same "
-    "classifier features (Bińkowski et al. 2018), ×10³; unbiased at any n, ~0 for real digits."
+    "classifier features (Bińkowski et al. 2018), in the features' own units; unbiased at any n, ~0 for real "
+    "digits (negative values are sampling noise)."
 )
 
 
 def score_cells(row: dict) -> str:
-    """The table cells ``digit-FID | floor FID | FID ÷ floor | KID×10³ | floor KID×10³`` of one row."""
+    """The table cells ``digit-FID | floor FID | FID ÷ floor | KID | floor KID`` of one row."""
     return (f"{row['digit_fid']:.2f} | {row['floor_digit_fid']:.2f} | {row['digit_fid'] / row['floor_digit_fid']:.2f} | "
-            f"{1000 * row['kid']:.2f} | {1000 * row['floor_kid']:.2f}")
+            f"{row['kid']:.3g} | {row['floor_kid']:.3g}")
 
 
 def _flat_cfg_row(row: dict) -> dict:

@@ -252,7 +252,7 @@ def _write_prompt_frontier(rows, pooled, floors, out_dir, *, per_class, seed, st
              "phrasing that is not among the model's training templates. Scale in diffusers' convention "
              f"(1 = plain conditional). {experiments.SCORES_LEGEND} {settings}.", "",
              "| method | guidance scale | phrasing | held out | n | mean acc | digit-FID | floor FID | FID ÷ floor "
-             "| KID×10³ | floor KID×10³ | seconds |",
+             "| KID | floor KID | seconds |",
              "| --- | ---: | --- | :---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows + pooled:
         phrasing = row["phrasing"].replace("|", "\\|")

@@ -91,8 +91,8 @@ def test_cfg_digits_writes_grid_csv_and_markdown_with_one_row_per_scale(tmp_path
     assert len(table) == 3
     assert float(table[2]["guidance_scale"]) == 3.0 and "accuracy_9" in table[2]
     markdown = (tmp_path / "results.md").read_text()
-    assert ("| method | guidance scale | paper w | mean acc | digit-FID | floor FID | FID ÷ floor | KID×10³ | "
-            "floor KID×10³ | seconds | evaluations |") in markdown
+    assert ("| method | guidance scale | paper w | mean acc | digit-FID | floor FID | FID ÷ floor | KID | "
+            "floor KID | seconds | evaluations |") in markdown
     assert len([line for line in markdown.splitlines() if line.startswith("| cfg | ")]) == 3
     # 10 labelled rows of digits, enlarged; 3 blocks of 4 columns under their headers.
     width, height = Image.open(tmp_path / "grid.png").size
@@ -109,7 +109,7 @@ def test_cfg_digits_puts_the_real_digit_floor_at_the_same_n_and_kid_beside_each_
     # FID's small-n bias: the floor at 30 images sits far above the floor at 1,000.
     assert floor["digit_fid"] > 1.5 * real_digits_baseline(classifier, 1000, reference)["digit_fid"]
     row = format_cfg_markdown(rows).splitlines()[6]
-    assert f"| {rows[0]['digit_fid']:.2f} | {floor['digit_fid']:.2f} | " in row and f"{1000 * floor['kid']:.2f}" in row
+    assert f"| {rows[0]['digit_fid']:.2f} | {floor['digit_fid']:.2f} | " in row and f"| {floor['kid']:.3g} |" in row
 
 
 def test_cfg_digits_samples_in_bounded_seeded_batches(classifier):
