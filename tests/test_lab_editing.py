@@ -249,6 +249,10 @@ def test_img2img_hands_over_to_the_refiner(tiny_sdxl_dir, tiny_refiner_dir, pict
     plain = run_sdxl_lab(tiny_sdxl_dir, "a cube", **common).images[0]
     refined = run_sdxl_lab(tiny_sdxl_dir, "a cube", refiner=tiny_refiner_dir, refiner_start=0.5, **common).images[0]
     assert refined.refiner == str(tiny_refiner_dir) and most_different(plain.image, refined.image) > 0
+    # The base starts at 1 − strength, stops at refiner_start, and the refiner resumes there (set_begin_index).
+    theirs = run_sdxl_lab(tiny_sdxl_dir, "a cube", refiner=tiny_refiner_dir, refiner_start=0.5,
+                          **{**common, "scheduler": "ddim"}).images[0]
+    assert most_different(refined.image, theirs.image) <= 1
 
 
 def test_images_are_stretched_to_the_lab_size_with_lanczos(tiny_sdxl_dir, pictures):
@@ -304,3 +308,20 @@ def test_cli_reports_a_bad_edit_in_one_line(tmp_path, pictures, capsys):
     code = run_cli(tmp_path, "--model", "unused", "--mask", str(pictures / "mask.png"))
     error = capsys.readouterr().err.strip()
     assert code == 2 and error.startswith("minild: error: a mask needs the image it masks") and "\n" not in error
+
+
+def test_the_editing_pipeline_keeps_the_loaded_dtype_and_model_offload(tiny_sdxl_dir, pictures):
+    # from_pipe casts every shared module, to float32 unless given the pipeline's dtype.
+    half = load_sdxl(tiny_sdxl_dir, device="cpu", dtype="bfloat16")
+    lab = run_sdxl_lab(tiny_sdxl_dir, "a cube", seeds=[0], num_inference_steps=2, image=pictures / "image.png",
+                       pipe=half)
+    assert {half.unet.dtype, half.vae.dtype, half.text_encoder_2.dtype} == {torch.bfloat16}
+    assert lab.settings["dtype"] == "torch.bfloat16"
+    # Model CPU offload's hooks sit on the shared modules, so the editing pipeline offloads too
+    # (CPU to CPU here: the pixels must not change).
+    common = dict(seeds=[0], num_inference_steps=2, image=pictures / "image.png", mask=pictures / "mask.png")
+    plain = run_sdxl_lab(tiny_sdxl_dir, "a cube", **common).images[0].image
+    offloaded = load_sdxl(tiny_sdxl_dir, device="cpu")
+    offloaded.enable_model_cpu_offload(device="cpu")
+    assert most_different(plain, run_sdxl_lab(tiny_sdxl_dir, "a cube", pipe=offloaded, **common).images[0].image) == 0
+    assert hasattr(offloaded.unet, "_hf_hook")

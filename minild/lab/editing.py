@@ -146,8 +146,10 @@ def editing_pipelines(pipe, refiner_pipe, inputs: EditInputs | None):
         raise EditError(f"the model's UNet takes {in_channels} input channels, an inpainting UNet: add --mask MASK "
                         "(white = regenerate) or use a text-to-image SDXL model for img2img")
     pipeline_class = StableDiffusionXLImg2ImgPipeline if inputs.mask is None else StableDiffusionXLInpaintPipeline
-    with quiet_dtype_casts():
-        editing = pipeline_class.from_pipe(pipe)
+    from minild.lab import _DTYPE_KEYWORD
+
+    with quiet_dtype_casts():  # from_pipe casts every module, to float32 unless told the pipeline's dtype
+        editing = pipeline_class.from_pipe(pipe, **{_DTYPE_KEYWORD: pipe.dtype})
     if inputs.mask is None:
         return editing, refiner_pipe, []
     return editing, None, [NOTE_4_CHANNEL_INPAINT] if in_channels == 4 else []
