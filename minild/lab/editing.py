@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from diffusers.utils import deprecation_utils
 from PIL import Image, UnidentifiedImageError
 
 # A mask's white (1) is regenerated, its black (0) kept: diffusers' convention.
@@ -22,6 +23,9 @@ NOTE_4_CHANNEL_INPAINT = (
     "noised to the next step; an inpainting UNet (9 input channels: latents, mask, masked image) sees the "
     "mask and joins the seams better"
 )
+
+# diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns).
+DTYPE_KEYWORD = "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
 
 
 class EditError(ValueError):
@@ -146,10 +150,9 @@ def editing_pipelines(pipe, refiner_pipe, inputs: EditInputs | None):
         raise EditError(f"the model's UNet takes {in_channels} input channels, an inpainting UNet: add --mask MASK "
                         "(white = regenerate) or use a text-to-image SDXL model for img2img")
     pipeline_class = StableDiffusionXLImg2ImgPipeline if inputs.mask is None else StableDiffusionXLInpaintPipeline
-    from minild.lab import _DTYPE_KEYWORD
 
     with quiet_dtype_casts():  # from_pipe casts every module, to float32 unless told the pipeline's dtype
-        editing = pipeline_class.from_pipe(pipe, **{_DTYPE_KEYWORD: pipe.dtype})
+        editing = pipeline_class.from_pipe(pipe, **{DTYPE_KEYWORD: pipe.dtype})
     if inputs.mask is None:
         return editing, refiner_pipe, []
     return editing, None, [NOTE_4_CHANNEL_INPAINT] if in_channels == 4 else []

@@ -12,19 +12,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from diffusers.utils import deprecation_utils
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from minild.devices import resolve_device
-from minild.lab.editing import edit_settings, editing_pipelines, quiet_dtype_casts, read_edit_inputs, write_inputs
+from minild.lab.editing import DTYPE_KEYWORD, edit_settings, editing_pipelines, quiet_dtype_casts, read_edit_inputs, write_inputs
 from minild.lab.gallery import contact_sheet, write_gallery
 from minild.lab.guidance import applied, parse_guidance_method
 from minild.lab.scheduler_adapter import check_scheduler_name, make_scheduler
 from minild.pipeline.generation import check_seed
 
-# diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns).
-_DTYPE_KEYWORD = "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
 MEMORY_OPTIONS = ("model_cpu_offload", "vae_slicing", "vae_tiling", "attention_slicing")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -119,7 +116,7 @@ def _load(pipeline_class, model, *, device, dtype, memory, **components):
     for variant in ["fp16", None] if dtype == "float16" else [None]:
         try:
             pipe = pipeline_class.from_pretrained(
-                source, **{_DTYPE_KEYWORD: DTYPES[dtype]}, variant=variant, use_safetensors=True, **components
+                source, **{DTYPE_KEYWORD: DTYPES[dtype]}, variant=variant, use_safetensors=True, **components
             )
         except (OSError, ValueError) as err:
             label = f" (variant {variant})" if variant else ""
