@@ -81,6 +81,10 @@ class PipelineConfig:
     sampler: StageSpec
     guidance: StageSpec | None = None  # None: classifier-free guidance at generate()'s guidance_scale (1.0)
     vae: StageSpec | None = None
+    # A `minild train-vae` config that trains the VAE into vae.pretrained when that directory does
+    # not hold one yet (minild.training.vae_bootstrap); relative paths are tried from the working directory,
+    # then from the config file's directory.
+    vae_training: str | None = None
     text_encoder: StageSpec | None = None
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -23,8 +23,8 @@ DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10", "folder")
 SPLITS = ("train", "test", "all")
 
 # The digit names torchvision's MNIST uses, so "digits" and "mnist" label alike.
-_DIGIT_WORDS = "zero one two three four five six seven eight nine".split()
-DIGIT_CLASS_NAMES = [f"{digit} - {word}" for digit, word in enumerate(_DIGIT_WORDS)]
+DIGIT_WORDS = "zero one two three four five six seven eight nine".split()
+DIGIT_CLASS_NAMES = [f"{digit} - {word}" for digit, word in enumerate(DIGIT_WORDS)]
 
 
 

@@ -182,6 +182,9 @@ def register_text_encoders(register):
 
     ``register(name, factory)`` where ``factory(**params)`` returns an object with
     ``encode(prompts: list[str]) -> context [B, L, D]`` and an ``embedding_dim`` (D).
+    Optional: ``max_length`` (L, in tokens) and ``truncation(prompt) -> str | None``, the part of
+    a prompt longer than ``max_length`` tokens that ``encode`` drops (None when it fits), so
+    ``generate`` can say which prompts were cut.
     """
 
 

@@ -53,6 +53,14 @@ class FrozenTextEncoder:
             self._cache[prompt] = self._encode_batch([prompt])[0]
         return torch.stack([self._cache[p] for p in prompts])  # [B, L, D]
 
+    def truncation(self, prompt: str) -> str | None:
+        """The words of ``prompt`` past ``max_length`` tokens (start and end tokens included), which
+        ``encode`` drops; None when the prompt fits."""
+        ids = self.tokenizer(prompt, truncation=False)["input_ids"]
+        if len(ids) <= self.max_length:
+            return None
+        return self.tokenizer.decode(ids[self.max_length - 1:], skip_special_tokens=True).strip() or None
+
     @torch.no_grad()
     def _encode_batch(self, prompts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(

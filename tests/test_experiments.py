@@ -17,7 +17,9 @@ from minild.data import load_dataset
 from minild.evaluation.experiments import (
     DIGIT_WORDS,
     default_digit_prompts,
+    format_cfg_markdown,
     load_prompts_file,
+    real_digits_baseline,
     run_cfg_digits,
     run_prompt_digits,
 )
@@ -89,11 +91,25 @@ def test_cfg_digits_writes_grid_csv_and_markdown_with_one_row_per_scale(tmp_path
     assert len(table) == 3
     assert float(table[2]["guidance_scale"]) == 3.0 and "accuracy_9" in table[2]
     markdown = (tmp_path / "results.md").read_text()
-    assert "| method | guidance scale | paper w | mean acc | digit-FID | seconds | evaluations |" in markdown
+    assert ("| method | guidance scale | paper w | mean acc | digit-FID | floor FID | FID ÷ floor | KID | "
+            "floor KID | seconds | evaluations |") in markdown
     assert len([line for line in markdown.splitlines() if line.startswith("| cfg | ")]) == 3
     # 10 labelled rows of digits, enlarged; 3 blocks of 4 columns under their headers.
     width, height = Image.open(tmp_path / "grid.png").size
     assert width > 2 * 3 * 4 * CELL and height > 2 * 10 * CELL
+
+
+def test_cfg_digits_puts_the_real_digit_floor_at_the_same_n_and_kid_beside_each_fid(classifier):
+    rows = run_cfg_digits(RealDigitsPipeline(), guidance_scales=(1.0,), per_class=3, batch_size=32,
+                          classifier=classifier)
+    reference = metrics.digit_features(classifier, (load_dataset("digits", split="test").images + 1) / 2)
+    floor = real_digits_baseline(classifier, 30, reference)
+    assert floor["num_images"] == 30
+    assert rows[0]["floor_digit_fid"] == floor["digit_fid"] and rows[0]["floor_kid"] == floor["kid"]
+    # FID's small-n bias: the floor at 30 images sits far above the floor at 1,000.
+    assert floor["digit_fid"] > 1.5 * real_digits_baseline(classifier, 1000, reference)["digit_fid"]
+    row = format_cfg_markdown(rows).splitlines()[6]
+    assert f"| {rows[0]['digit_fid']:.2f} | {floor['digit_fid']:.2f} | " in row and f"| {floor['kid']:.3g} |" in row
 
 
 def test_cfg_digits_samples_in_bounded_seeded_batches(classifier):
@@ -262,3 +278,58 @@ def test_cli_prompt_digits_on_a_run_without_text_is_an_error(tmp_path, cached_cl
     minild.Pipeline.from_config(tiny_config(model={"num_classes": 10})).save_pretrained(run)
     assert main(["experiment", "prompt-digits", str(run)]) == 2
     assert "not a text-conditioned run" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- prompt frontier
+
+
+class RealTextDigitsPipeline(RealDigitsPipeline):
+    """The perfect generator behind a text model's interface: prompts name their digit."""
+
+    def __init__(self, templates=("{name}", "the number {name}")):
+        super().__init__(num_classes=None)
+        self.model = SimpleNamespace(cross_attention_dim=4)
+        self.config = SimpleNamespace(data=SimpleNamespace(prompt_templates=list(templates)), guidance=None,
+                                      sampler=SimpleNamespace(name="ddim"))
+
+
+def test_prompt_phrasings_add_held_out_ones_that_are_not_training_templates():
+    from minild.evaluation.prompts import HELD_OUT_TEMPLATES, prompt_phrasings
+
+    pairs = prompt_phrasings(RealTextDigitsPipeline())
+    assert [template for template, held_out in pairs if held_out] == [t for t in HELD_OUT_TEMPLATES]
+    assert [template for template, held_out in pairs if not held_out] == ["{name}", "the number {name}"]
+    assert prompt_phrasings(RealTextDigitsPipeline(), ["{name}", "draw {label}"]) == [("{name}", False),
+                                                                                      ("draw {label}", True)]
+    with pytest.raises(ValueError, match="names no digit"):
+        prompt_phrasings(RealTextDigitsPipeline(), ["a digit"])
+
+
+def test_prompt_frontier_scores_methods_scales_and_phrasings_and_pools_the_held_out_ones(tmp_path, classifier):
+    from minild.evaluation.prompts import run_prompt_frontier
+
+    pipeline = RealTextDigitsPipeline()
+    rows = run_prompt_frontier(pipeline, methods=["cfg", "apg"], guidance_scales=(1.0, 3.0),
+                               phrasings=["{name}", "the digit {label}"], per_class=3, batch_size=64,
+                               out_dir=tmp_path, classifier=classifier)
+    single = [row for row in rows if "pooled" not in row["phrasing"]]
+    assert [(row["method"], row["guidance_scale"], row["phrasing"], row["held_out"]) for row in single[:2]] == [
+        ("cfg", 1.0, "{name}", False), ("cfg", 1.0, "the digit {label}", True)]
+    assert len(single) == 2 * 2 * 2 and len(rows) == len(single) + 2 * 2 * 2
+    prompted = [call for call in pipeline.calls if call["guidance"] == "apg"]
+    assert prompted and all(call["guidance_scale"] in (1.0, 3.0) for call in prompted)
+    for row in single:
+        assert row["num_images"] == 30 and row["mean_accuracy"] > 0.8  # real digits
+        assert row["floor_digit_fid"] == real_digits_baseline(
+            classifier, 30, metrics.digit_features(classifier, (load_dataset("digits", split="test").images + 1) / 2)
+        )["digit_fid"]
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| cfg | 3 | the digit {label} | yes | 30 |" in markdown and "held-out (pooled) | yes | 30 |" in markdown
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000 and (tmp_path / "results.csv").is_file()
+
+
+def test_prompt_frontier_needs_a_text_model(classifier):
+    from minild.evaluation.prompts import run_prompt_frontier
+
+    with pytest.raises(ValueError, match="needs a text-conditioned model"):
+        run_prompt_frontier(RealDigitsPipeline(), classifier=classifier)

@@ -50,7 +50,7 @@ def execute(notebook: nbformat.NotebookNode, kernel_name: str) -> None:
 def test_the_labs_are_present():
     assert [path.name for path in NOTEBOOKS] == [
         "01_diffusion_theory.ipynb", "02_ddpm_digits.ipynb", "03_cfg_digits.ipynb", "04_latent_digits.ipynb",
-        "05_sdxl_prompt_lab.ipynb",
+        "05_sdxl_prompt_lab.ipynb", "06_text_latent_digits.ipynb",
     ]
 
 

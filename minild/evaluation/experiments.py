@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from minild.data import load_dataset
+from minild.data import DIGIT_WORDS, load_dataset
 from minild.evaluation.frontier import (
     check_methods,
     count_model_evaluations,
@@ -21,6 +21,7 @@ from minild.evaluation.frontier import (
     plot_frontier,
     sampler_name,
 )
+from minild.evaluation.kid import kernel_inception_distance
 from minild.evaluation.metrics import (
     DigitClassifier,
     classify,
@@ -37,7 +38,6 @@ from minild.pipeline.grids import inference_steps
 
 NUM_DIGITS = 10
 GUIDANCE_SCALES = (0.0, 1.0, 3.0, 5.0, 7.5)
-DIGIT_WORDS = "zero one two three four five six seven eight nine".split()
 # Seeds of distinct runs give disjoint batch generators as long as a run has fewer batches than this.
 _SEED_STRIDE = 10_000
 _SEED_LIMIT = 2**64 // _SEED_STRIDE  # keeps every batch seed in torch's [0, 2**64)
@@ -79,8 +79,10 @@ def run_cfg_digits(
 
     Returns one dict per method × scale (methods outer): ``method`` (its name, with parameters as
     on the command line: ``cfg_interval:sigma_low=0.3``), ``guidance_scale``, ``paper_w``,
-    ``num_images``, ``mean_accuracy``, ``per_class_accuracy`` (10 floats), ``digit_fid`` (against
-    the 500 held-out ``test`` digits), ``seconds`` (sampling time) and
+    ``num_images``, ``mean_accuracy``, ``per_class_accuracy`` (10 floats), ``digit_fid`` and ``kid``
+    (against the 500 held-out ``test`` digits; KID in ``minild.evaluation.kid``), ``floor_digit_fid`` and
+    ``floor_kid`` (real training digits at the same number of images: ``real_digits_baseline``),
+    ``seconds`` (sampling time) and
     ``model_evaluations_per_image`` (images through the eps-model per image, e.g. 100 for 50 steps
     of two-pass guidance; None when the pipeline's model is not a torch module). With ``out_dir``,
     writes ``grid.png`` (rows: digits 0–9; one block of ``grid_per_class`` columns per cell,
@@ -107,6 +109,7 @@ def run_cfg_digits(
     labels = torch.arange(NUM_DIGITS).repeat(per_class)  # [N]: 0, 1, …, 9, 0, 1, …
     options = {key: value for key, value in (("num_inference_steps", num_inference_steps), ("sampler", sampler))
                if value is not None}
+    baseline = real_digits_baseline(classifier, len(labels), reference)
     rows, blocks = [], []
     for method, scale in cells:
         guidance = {} if method is None else {"guidance": method}
@@ -118,6 +121,7 @@ def run_cfg_digits(
             )
             seconds = time.perf_counter() - start
         predicted = classify(classifier, images)
+        features = digit_features(classifier, images)
         rows.append({
             "method": guidance_name(method, pipeline),
             "guidance_scale": scale,
@@ -125,7 +129,7 @@ def run_cfg_digits(
             "num_images": len(images),
             "mean_accuracy": mean_accuracy(predicted, labels),
             "per_class_accuracy": per_class_accuracy(predicted, labels, NUM_DIGITS),
-            "digit_fid": frechet_distance(digit_features(classifier, images), reference),
+            **sample_scores(features, reference, baseline),
             "seconds": seconds,
             "model_evaluations_per_image": None if evaluations.images is None else evaluations.images / len(images),
         })
@@ -133,7 +137,7 @@ def run_cfg_digits(
         if log is not None:
             row = rows[-1]
             log(f"{row['method']} · scale {scale:g}: accuracy {row['mean_accuracy']:.1%}, "
-                f"digit-FID {row['digit_fid']:.2f}, {seconds:.0f}s")
+                f"digit-FID {row['digit_fid']:.2f} (floor {baseline['digit_fid']:.2f}), KID {row['kid']:.4f}, {seconds:.0f}s")
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -150,17 +154,28 @@ def run_cfg_digits(
 
 
 def real_digits_baseline(classifier: DigitClassifier, num_images: int, reference_features: torch.Tensor) -> dict:
-    """Accuracy and digit-FID of ``num_images`` real training digits (classes balanced) against
-    the test digits: the floor a perfect generator would reach at this sample size."""
+    """Accuracy, digit-FID and KID of ``num_images`` real training digits (classes balanced) against
+    the test digits: the floor a perfect generator would reach at this sample size (FID is biased
+    upwards at small n, so a generator's FID reads only beside the floor at its own n)."""
     train = load_dataset("digits", split="train")
     per_class = max(num_images // NUM_DIGITS, 1)
     index = torch.cat([torch.nonzero(train.labels == digit).flatten()[:per_class] for digit in range(NUM_DIGITS)])
     images, labels = _unit(train.images[index]), train.labels[index]
+    features = digit_features(classifier, images)
     return {
         "num_images": len(index),
         "mean_accuracy": mean_accuracy(classify(classifier, images), labels),
-        "digit_fid": frechet_distance(digit_features(classifier, images), reference_features),
+        "digit_fid": frechet_distance(features, reference_features),
+        "kid": kernel_inception_distance(features, reference_features),
     }
+
+
+def sample_scores(features: torch.Tensor, reference_features: torch.Tensor, baseline: dict) -> dict:
+    """``digit_fid`` and ``kid`` of generated images' classifier features, beside the real-digit
+    floor at the same n (``floor_digit_fid``, ``floor_kid``; see ``real_digits_baseline``)."""
+    return {"digit_fid": frechet_distance(features, reference_features),
+            "kid": kernel_inception_distance(features, reference_features),
+            "floor_digit_fid": baseline["digit_fid"], "floor_kid": baseline["kid"]}
 
 
 def format_cfg_markdown(rows: list[dict], *, settings: str = "", baseline: dict | None = None) -> str:
@@ -172,24 +187,26 @@ def format_cfg_markdown(rows: list[dict], *, settings: str = "", baseline: dict 
         "Guidance scale in diffusers' convention (1 = plain conditional, 0 = unconditional); the CFG "
         "paper's w = scale − 1. Accuracy: the digit classifier agrees with the requested class. "
         "Digit-FID: against the 500 held-out test digits (lower is closer). Evaluations: images through "
-        "the eps-model per sample." + (f" {settings}." if settings else ""),
+        "the eps-model per sample. " + SCORES_LEGEND + (f" {settings}." if settings else ""),
         "",
-        f"| method | guidance scale | paper w | mean acc | digit-FID | seconds | evaluations | {digits} |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * NUM_DIGITS,
+        f"| method | guidance scale | paper w | mean acc | digit-FID | floor FID | FID ÷ floor | KID | floor KID "
+        f"| seconds | evaluations | {digits} |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * NUM_DIGITS,
     ]
     for row in rows:
         per_class = " | ".join(f"{accuracy:.0%}" for accuracy in row["per_class_accuracy"])
         evaluations = row.get("model_evaluations_per_image")
         lines.append(
             f"| {row['method']} | {row['guidance_scale']:g} | {row['paper_w']:g} | {row['mean_accuracy']:.1%} | "
-            f"{row['digit_fid']:.2f} | {row['seconds']:.1f} | {'—' if evaluations is None else f'{evaluations:g}'} "
+            f"{score_cells(row)} | {row['seconds']:.1f} | {'—' if evaluations is None else f'{evaluations:g}'} "
             f"| {per_class} |"
         )
     lines.append("")
     if baseline is not None:
         lines += [
-            f"Real training digits ({baseline['num_images']}) score {baseline['mean_accuracy']:.1%} accuracy and "
-            f"digit-FID {baseline['digit_fid']:.2f}: the floor at this sample size.",
+            f"Real training digits ({baseline['num_images']}) score {baseline['mean_accuracy']:.1%} accuracy, "
+            f"digit-FID {baseline['digit_fid']:.2f} and KID {baseline['kid']:.3g}: the floor at this "
+            "sample size.",
             "",
         ]
     cells = ", ".join(f"{row['method']} · {row['guidance_scale']:g}" for row in rows)
@@ -198,10 +215,26 @@ def format_cfg_markdown(rows: list[dict], *, settings: str = "", baseline: dict 
     return "\n".join(lines)
 
 
+SCORES_LEGEND = (
+    "Floor FID: real training digits, as many as the row's samples, against the same test digits — FID is "
+    "biased upwards at small n, so read a digit-FID only beside the floor at its n (FID ÷ floor near 1 is as "
+    "varied as real digits). KID: the unbiased squared MMD with the cubic polynomial kernel on the same "
+    "classifier features (Bińkowski et al. 2018), in the features' own units; unbiased at any n, ~0 for real "
+    "digits (negative values are sampling noise)."
+)
+
+
+def score_cells(row: dict) -> str:
+    """The table cells ``digit-FID | floor FID | FID ÷ floor | KID | floor KID`` of one row."""
+    return (f"{row['digit_fid']:.2f} | {row['floor_digit_fid']:.2f} | {row['digit_fid'] / row['floor_digit_fid']:.2f} | "
+            f"{row['kid']:.3g} | {row['floor_kid']:.3g}")
+
+
 def _flat_cfg_row(row: dict) -> dict:
     flat = {key: value for key, value in row.items() if key != "per_class_accuracy"}
     flat.update(mean_accuracy=round(row["mean_accuracy"], 4), digit_fid=round(row["digit_fid"], 4),
-                seconds=round(row["seconds"], 2))
+                floor_digit_fid=round(row["floor_digit_fid"], 4), kid=round(row["kid"], 6),
+                floor_kid=round(row["floor_kid"], 6), seconds=round(row["seconds"], 2))
     flat.update({f"accuracy_{digit}": round(accuracy, 4) for digit, accuracy in enumerate(row["per_class_accuracy"])})
     return flat
 

@@ -46,7 +46,7 @@ def plot_frontier(rows: list[dict], baseline: dict, path: str | Path | BinaryIO,
         axes.axvline(floor_fid, color="gray", ls="--", lw=1)
         axes.axhline(floor_accuracy, color="gray", ls=":", lw=1)
         axes.plot([floor_fid], [floor_accuracy], "*", color="black", ms=13,
-                  label=f"real digits: FID {floor_fid:.1f}, {floor_accuracy:.1%}")
+                  label=f"real digits, same n ({baseline.get('num_images', '?')}): FID {floor_fid:.1f}, {floor_accuracy:.1%}")
         for method in methods:
             points = sorted((row["guidance_scale"], row["digit_fid"], row["mean_accuracy"])
                             for row in rows if row["method"] == method)
@@ -134,3 +134,4 @@ def sampler_name(sampler, pipeline) -> str:
         return sampler if isinstance(sampler, str) else sampler.get("name", "the configured sampler")
     configured = getattr(getattr(pipeline, "config", None), "sampler", None)
     return getattr(configured, "name", None) or "the configured sampler"
+

@@ -91,14 +91,23 @@ def class_labels_tensor(class_labels: Any, num_classes: int | None, model_name: 
 
 
 def prompt_list(prompts: Any, num_images: int | None) -> list[str] | None:
+    """``prompts`` as one non-empty string per image (a single string is repeated)."""
     if prompts is None:
         return None
     if isinstance(prompts, str):
-        return [prompts] * (num_images or 1)
+        prompts = [prompts] * (num_images or 1)
     if not isinstance(prompts, (list, tuple)) or not all(isinstance(prompt, str) for prompt in prompts):
-        raise GenerateArgumentError(f"prompts must be a string or a list of strings, got {prompts!r}")
+        bad = next((f"prompts[{i}] is {p!r} ({type(p).__name__})" for i, p in enumerate(prompts)
+                    if not isinstance(p, str)), None) if isinstance(prompts, (list, tuple)) else None
+        raise GenerateArgumentError(f"prompts must be a string or a list of strings, got {bad or repr(prompts)}")
     if not prompts:
         raise GenerateArgumentError("prompts is an empty list: give one prompt per image (or one string for all)")
+    for index, prompt in enumerate(prompts):
+        if not prompt.strip():
+            raise GenerateArgumentError(
+                f"prompts[{index}] is empty: the empty prompt is the unconditional one the model was trained to "
+                "ignore; give text such as 'seven', or guidance_scale=0 for unconditional samples"
+            )
     return list(prompts)
 
 
@@ -114,6 +123,21 @@ def check_seed(seed: Any, name: str = "seed") -> int:
                                                              "(-1 onto 2**64 - 1); use 0, 1, 2, …" if seed < 0 else "")
         )
     return int(seed)
+
+
+def warn_truncated(text_encoder, prompts: list[str]) -> None:
+    """One warning for all prompts longer than the text encoder's ``max_length`` tokens."""
+    truncation = getattr(text_encoder, "truncation", None)
+    if truncation is None:
+        return
+    cut = {prompt: dropped for prompt in dict.fromkeys(prompts) if (dropped := truncation(prompt)) is not None}
+    if cut:
+        prompt, dropped = next(iter(cut.items()))
+        warnings.warn(
+            f"{len(cut)} prompt(s) are longer than the text encoder's max_length={text_encoder.max_length} tokens "
+            f"and are truncated: {prompt!r} loses {dropped!r}. Shorten them, or train a model with a larger "
+            "text_encoder.max_length", stacklevel=4,
+        )
 
 
 def check_generator(generator: Any, seed: Any, num_images: int):
@@ -188,16 +212,24 @@ def generate(pipe, num_images=None, *, class_labels=None, prompts=None, guidance
         raise GenerateArgumentError(f"callback must be callable (it gets one dict per step), got {callback!r}")
     run_device = check_device(device, pipe.config.train.device)
     spec = guidance_spec(pipe.config.guidance, guidance, guidance_scale)
+    if class_labels is not None and not wants_classes(pipe.model) and wants_text(pipe.model):
+        raise GenerateArgumentError(
+            f"model {pipe.config.model.name!r} is text-conditioned, not class-conditional: pass prompts=[...] "
+            "(e.g. prompts=['seven', 'the number 3']) instead of class_labels"
+        )
     labels = class_labels_tensor(class_labels, getattr(pipe.model, "num_classes", None), pipe.config.model.name)
     edit = editing.prepare(pipe, image, mask, strength, jump_length, jump_n_sample)
     if edit is not None:  # one output per input image
         num_images = editing.check_batch(edit, num_images, labels, prompts)
     prompts = prompt_list(prompts, num_images)
     if prompts is not None and (pipe.text_encoder is None or not wants_text(pipe.model)):
+        instead = " Pass class_labels=[...] instead." if wants_classes(pipe.model) else ""
         raise GenerateArgumentError(
             f"model {pipe.config.model.name!r} is not text-conditioned: prompts need a text_encoder stage "
-            "and model.cross_attention_dim in the config (see configs/digits_text_cfg.yaml)"
+            "and model.cross_attention_dim in the config (see configs/digits_text_latent.yaml)." + instead
         )
+    if prompts is not None:
+        warn_truncated(pipe.text_encoder, prompts)
     for name, given in (("class_labels", labels), ("prompts", prompts)):
         if given is not None and num_images is not None and num_images != len(given):
             raise GenerateArgumentError(f"num_images={num_images} but {len(given)} {name} were given")
@@ -239,7 +271,9 @@ def generate(pipe, num_images=None, *, class_labels=None, prompts=None, guidance
     # sampled 1.25× faster in its contiguous layout (minild.devices.use_channels_last); only
     # float rounding changes.
     channels_last = use_channels_last(pipe.config.train.channels_last, run_device, compiled=False)
-    with memory_format(model, torch.channels_last if channels_last else None):
+    layout = torch.channels_last if channels_last else None
+    vae = pipe.vae if isinstance(pipe.vae, torch.nn.Module) else None  # the decoder gains the same on a CPU
+    with memory_format(model, layout), memory_format(vae, layout if vae is not None else None):
         for start in range(0, num_images, chunk_size):
             chunk = slice(start, start + chunk_size)
             chunk_cond = {key: value[chunk] for key, value in cond.items()}
