@@ -167,6 +167,13 @@ def test_a_model_that_is_not_class_conditional_is_refused(classifier):
         run_edit_digits(minild.Pipeline.from_config(tiny_config()), classifier=classifier)
 
 
+def test_a_pipeline_that_does_not_make_28_pixel_digits_is_refused(classifier):
+    config = tiny_config(model={"num_classes": 10})
+    config["image_shape"] = [1, 16, 16]
+    with pytest.raises(ValueError, match="edits 1×28×28 digits; this pipeline makes 1×16×16 images"):
+        run_edit_digits(minild.Pipeline.from_config(config), classifier=classifier)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"strengths": (0.5, 1.5)}, "strengths must lie in \\[0, 1\\].*got 1.5"),
     ({"strengths": (-0.1,)}, "strengths must lie in \\[0, 1\\]"),
