@@ -15,7 +15,7 @@ from minild.cli import main
 from minild.data import load_dataset
 from minild.evaluation import editing
 from minild.evaluation.editing import region_masks, run_edit_digits
-from tests.conftest import tiny_config
+from tests.conftest import tiny_class_pipeline, tiny_config, tiny_latent_class_pipeline
 
 CELL = 28 + 2  # an image and its padding, before the grid enlarges it
 
@@ -59,11 +59,7 @@ class RecordingPipeline:
 
 @pytest.fixture(scope="module")
 def pipe():
-    """A tiny class-conditional 1×28×28 pipeline on a 100-step schedule (random weights)."""
-    torch.manual_seed(0)
-    config = tiny_config(model={"num_classes": 10}, train={"p_uncond": 0.1})
-    config["image_shape"] = [1, 28, 28]
-    return minild.Pipeline.from_config(config)
+    return tiny_class_pipeline()
 
 
 @pytest.fixture(scope="module")
@@ -148,13 +144,7 @@ def test_regions_are_the_halves_and_a_seeded_fourteen_pixel_box():
 
 
 def test_a_latent_model_keeps_the_unmasked_pixels_exactly(tmp_path, classifier):
-    torch.manual_seed(0)
-    minild.create("vae", "digits_vae", latent_channels=4, base_channels=8, norm_groups=4,
-                  latent_scale=0.5).save_pretrained(tmp_path)
-    config = tiny_config(vae={"name": "digits_vae", "pretrained": str(tmp_path)},
-                         model={"in_channels": 4, "channel_mults": [1, 2], "num_classes": 10})
-    config["image_shape"] = [4, 7, 7]
-    rows = run_edit_digits(minild.Pipeline.from_config(config), per_class=1, strengths=(1.0,), regions=("box",),
+    rows = run_edit_digits(tiny_latent_class_pipeline(tmp_path), per_class=1, strengths=(1.0,), regions=("box",),
                            num_inference_steps=2, classifier=classifier)
     assert rows[0]["kept_max_abs_diff"] == 0.0 and rows[0]["mean_abs_diff"] > 0.01
 
