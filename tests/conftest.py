@@ -44,6 +44,24 @@ def tiny_config(**overrides):
     return config
 
 
+def tiny_class_pipeline():
+    """A tiny class-conditional 1×28×28 pipeline on a 100-step linear schedule (random weights, seed 0)."""
+    torch.manual_seed(0)
+    config = tiny_config(model={"num_classes": 10}, train={"p_uncond": 0.1})
+    config["image_shape"] = [1, 28, 28]
+    return minild.Pipeline.from_config(config)
+
+
+def tiny_latent_class_pipeline(directory):
+    """The same on a random digits_vae saved into ``directory`` (1×28×28 ↔ 4×7×7 latents)."""
+    torch.manual_seed(0)
+    minild.create("vae", "digits_vae", latent_channels=4, base_channels=8, norm_groups=4, latent_scale=0.5).save_pretrained(directory)
+    config = tiny_config(vae={"name": "digits_vae", "pretrained": str(directory)},
+                         model={"in_channels": 4, "channel_mults": [1, 2], "num_classes": 10})
+    config["image_shape"] = [4, 7, 7]
+    return minild.Pipeline.from_config(config)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from threads, and spinning threads stall when cores are busy."""

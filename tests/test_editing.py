@@ -14,7 +14,7 @@ from PIL import Image
 import minild
 from minild.pipeline import editing
 from minild.cli import main
-from tests.conftest import tiny_config
+from tests.conftest import tiny_class_pipeline, tiny_config, tiny_latent_class_pipeline
 
 STEPS = 10
 
@@ -27,22 +27,13 @@ def _one_thread(one_thread):
 @pytest.fixture(scope="module")
 def pipe():
     """A tiny class-conditional 1×28×28 pipeline on a 100-step linear schedule (random weights)."""
-    torch.manual_seed(0)
-    config = tiny_config(model={"num_classes": 10}, train={"p_uncond": 0.1})
-    config["image_shape"] = [1, 28, 28]
-    return minild.Pipeline.from_config(config)
+    return tiny_class_pipeline()
 
 
 @pytest.fixture(scope="module")
 def latent_pipe(tmp_path_factory):
     """The same on a random digits_vae (1×28×28 ↔ 4×7×7 latents)."""
-    directory = tmp_path_factory.mktemp("vae")
-    torch.manual_seed(0)
-    minild.create("vae", "digits_vae", latent_channels=4, base_channels=8, norm_groups=4, latent_scale=0.5).save_pretrained(directory)
-    config = tiny_config(vae={"name": "digits_vae", "pretrained": str(directory)},
-                         model={"in_channels": 4, "channel_mults": [1, 2], "num_classes": 10})
-    config["image_shape"] = [4, 7, 7]
-    return minild.Pipeline.from_config(config)
+    return tiny_latent_class_pipeline(tmp_path_factory.mktemp("vae"))
 
 
 def images(n=2, seed=0, channels=1, size=28):

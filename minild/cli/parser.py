@@ -13,6 +13,7 @@ from minild.cli.arguments import (
     int_list,
     str_list,
 )
+from minild.cli.sample import edit_digits as run_edit_digits
 from minild.cli.sample import experiment as run_experiment
 from minild.cli.sample import lab_sdxl as run_lab_sdxl
 from minild.cli.sample import list_plugins as run_plugins
@@ -118,6 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--batch-size", type=int, default=200, help="images per generate() call")
     prompt.add_argument("--out", default=None, help="output folder (default: RUN_DIR/prompt_digits)")
     prompt.set_defaults(run=run_experiment)
+    edit = experiments.add_parser("edit-digits", help="inpainting and SDEdit of held-out digits towards their class "
+                                  "and another one, scored with the digit classifier (docs/editing.md)")
+    edit.add_argument("run_dir", help="a saved class-conditional digit run")
+    edit.add_argument("--per-class", type=int, default=10, help="held-out digits per class, edited in every cell")
+    edit.add_argument("--strengths", type=float_list, default=[0.2, 0.4, 0.6, 0.8, 1.0],
+                      help="comma-separated SDEdit strengths in [0, 1], e.g. 0.2,0.4,0.6,0.8,1")
+    edit.add_argument("--regions", type=str_list, default=["lower", "upper", "box"],
+                      help="comma-separated inpainting regions: lower, upper (halves), box (a random 14x14 square)")
+    edit.add_argument("--guidance-scale", type=float, default=None, help=RUN_GUIDANCE_HELP)
+    edit.add_argument("--steps", type=int, default=None, help="number of inference steps (default: the pipeline's)")
+    edit.add_argument("--sampler", default=None, help="sampler name: ddpm, ddim or dpm_solver_pp (default: the run's)")
+    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--batch-size", type=int, default=200, help="images per generate() call")
+    edit.add_argument("--out", default=None, help="output folder (default: RUN_DIR/edit_digits)")
+    edit.set_defaults(run=run_edit_digits)
 
     lab = commands.add_parser("lab", help="prompt labs on pretrained diffusers models")
     labs = lab.add_subparsers(dest="lab", required=True)

@@ -1,4 +1,4 @@
-"""``minild sample``, ``plugins``, ``experiment`` and ``lab sdxl``."""
+"""``minild sample``, ``plugins``, ``experiment`` (``edit-digits`` in ``edit_digits``) and ``lab sdxl``."""
 
 from __future__ import annotations
 
@@ -104,6 +104,20 @@ def experiment(args) -> int:
         experiments.run_prompt_digits(pipe, prompts, per_prompt=args.per_prompt, guidance_scale=args.guidance_scale,
                                       out_dir=out, classifier=classifier, **{**common, "num_inference_steps": args.steps or 50})
     print((out / ("prompts.md" if args.experiment == "prompt-digits" and not frontier else "results.md")).read_text())
+    print(f"wrote {out}")
+    return 0
+
+
+def edit_digits(args) -> int:
+    from minild.evaluation.editing import run_edit_digits
+    from minild.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.run_dir)
+    out = Path(args.out or Path(args.run_dir) / "edit_digits")
+    run_edit_digits(pipe, per_class=args.per_class, strengths=args.strengths, regions=args.regions,
+                    guidance_scale=args.guidance_scale, num_inference_steps=args.steps, sampler=args.sampler,
+                    seed=args.seed, batch_size=args.batch_size, out_dir=out, log=print)
+    print((out / "results.md").read_text())
     print(f"wrote {out}")
     return 0
 

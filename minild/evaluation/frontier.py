@@ -70,7 +70,13 @@ def plot_frontier(rows: list[dict], baseline: dict, path: str | Path | BinaryIO,
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    if isinstance(path, (str, Path)):  # to a temporary name, then renamed: no half-written PNG
+    save_png(figure, path)
+
+
+def save_png(figure, path: str | Path | BinaryIO) -> None:
+    """A matplotlib figure as PNG: to a path atomically (a temporary name, then renamed: no
+    half-written PNG), or to a binary file object."""
+    if isinstance(path, (str, Path)):
         atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
     else:
         figure.savefig(path, format="png")
