@@ -26,6 +26,11 @@ def wants_text(model) -> bool:
     return getattr(model, "cross_attention_dim", None) is not None
 
 
+def wants_guidance_scale(model) -> bool:
+    """A model with guidance inside it (a distilled student) takes ``guidance_scale=`` [B] floats."""
+    return getattr(model, "takes_guidance_scale", False) is True
+
+
 class TrainingConditioner:
     """Per-batch conditioning for training, with condition dropout at rate ``p_uncond``.
 

@@ -47,6 +47,11 @@ def register_models(register):
     - returns ``eps``: ``[B, C, H, W]``, the predicted noise, same shape as ``x``.
 
     A model that cannot use a given conditioning argument must raise ``ValueError``.
+
+    Optionally, a model with guidance distilled into it (``guided_student``, ``Pipeline.distill``)
+    sets ``takes_guidance_scale = True`` and also takes ``guidance_scale``: ``[B]`` float (or a
+    float), the scale of the guidance stage it stands for. ``generate`` then passes the guidance
+    stage's scale there and runs one conditional pass per step, with no unconditional one.
     """
 
 

@@ -13,7 +13,7 @@ import torch
 
 from minild import plugins
 from minild.pipeline import editing
-from minild.conditioning import wants_classes, wants_text
+from minild.conditioning import wants_classes, wants_guidance_scale, wants_text
 from minild.config import StageSpec, parse_stage
 from minild.devices import resolve_batch_size, resolve_device, use_channels_last
 from minild.errors import GenerateArgumentError
@@ -260,6 +260,9 @@ def generate(pipe, num_images=None, *, class_labels=None, prompts=None, guidance
     model.to(run_device).eval()
     cond, uncond = conditioning(pipe, model, labels, prompts, num_images, run_device)
     guided = labels is not None or prompts is not None  # else nothing to guide towards: one unconditional pass
+    if wants_guidance_scale(model):  # a distilled student: the scale is its input, one pass per step
+        cond["guidance_scale"] = torch.full((num_images,), float(guidance_stage.scale), device=run_device)
+        guided = False
     if guided and cond and getattr(guidance_stage, "scale", None) != 1.0 and pipe.config.train.p_uncond <= 0:
         warnings.warn(
             "classifier-free guidance with a model trained without condition dropout (train.p_uncond = 0): "

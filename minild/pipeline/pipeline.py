@@ -161,6 +161,25 @@ class Pipeline:
         with lock.hold(written):
             return self._train(dataset, run_dir=run_dir, resume=resume, overwrite=overwrite, **overrides)
 
+    def distill(self, out_dir: str | Path, *, steps: int = 4, max_minutes: float | None = None, resume: bool = False,
+                **options: Any):
+        """Distil this guided class-conditional run into a ``steps``-step student that takes the
+        guidance scale as an input, saved as a run directory in ``out_dir`` (docs/distillation.md).
+
+        The teacher is the EMA model (else the model). Phase 1 trains a ``guided_student`` to match
+        the guided eps of the run's guidance stage at scales w ~ U[1, 4]; each later phase halves its
+        chain (progressive distillation) down to ``steps`` (a power of two). ``max_minutes`` splits a
+        time budget evenly between the phases; ``options`` are the other ``DistillConfig`` fields
+        (``phase_iterations``, ``batch_size``, ``lr``, ``start_steps``, ``max_steps``, …). Checkpoints
+        go to ``out_dir/checkpoints``; ``resume=True`` continues the newest, exactly. Ctrl-C stops
+        after the current step (a checkpoint and the student are saved; ``result.interrupted``).
+        Holds ``out_dir``'s lock while it runs. Returns a ``DistillResult`` (``.student`` is the
+        student pipeline)."""
+        from minild.training import distill
+
+        with lock.hold(out_dir):
+            return distill.distill(self, out_dir, steps=steps, max_minutes=max_minutes, resume=resume, **options)
+
     def _train(self, dataset, *, run_dir, resume, overwrite, **overrides: Any) -> TrainResult:
         train_config = copy.deepcopy(self.config.train)
         for key, value in overrides.items():
