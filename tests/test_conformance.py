@@ -44,6 +44,11 @@ class TestNaiveUnet(ModelConformance):
     params = TINY_MODELS["naive_unet"]
 
 
+class TestGuidedStudent(ModelConformance):
+    name = "guided_student"
+    params = {"teacher": {"name": "simple_unet", **TINY_MODELS["simple_unet"], "in_channels": 1, "num_classes": 3}}
+
+
 class TestDummyEps(ModelConformance):
     name = "dummy_eps"
     params = TINY_MODELS["dummy_eps"]
@@ -69,6 +74,16 @@ class TestDDIMStochasticOnCosine(SamplerConformance):
     schedule = ("cosine", {"num_timesteps": 60})
     num_inference_steps = 7
 
+
+
+class TestDistilled(SamplerConformance):
+    name = "distilled"
+
+
+class TestDistilledTwoStepDefault(SamplerConformance):
+    name = "distilled"
+    params = {"num_inference_steps": 2}
+    num_inference_steps = 2
 
 
 class TestDPMSolverPP(SamplerConformance):

@@ -53,7 +53,7 @@ class GuidedStudent(nn.Module):
 
     takes_guidance_scale = True
 
-    def __init__(self, *, teacher: dict, num_classes: int | None = None, default_guidance_scale: float = 1.0,
+    def __init__(self, *, teacher: dict | None = None, num_classes: int | None = None, default_guidance_scale: float = 1.0,
                  num_frequencies: int = 6, hidden_dim: int = 64):
         super().__init__()
         if not isinstance(teacher, dict) or not isinstance(teacher.get("name"), str):
