@@ -128,3 +128,28 @@ def test_a_student_cannot_be_distilled_again(student_dir, tmp_path):
 def test_an_existing_distillation_is_refused_without_resume(student_dir):
     with pytest.raises(ValueError, match="resume=True"):
         tiny_class_pipeline().distill(student_dir, **QUICK)
+
+
+def test_the_command_line_distills_samples_and_exits_130_on_ctrl_c(tmp_path, monkeypatch, capsys):
+    from minild.cli import main
+
+    teacher = tmp_path / "teacher"
+    tiny_class_pipeline().save_pretrained(teacher)
+    quick = ["--steps", "2", "--phase-iterations", "2", "--batch-size", "8"]
+    train_step = distill_module.Distiller._train_step
+
+    def interrupted_step(self, *args):
+        loss = train_step(self, *args)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(distill_module.Distiller, "_train_step", interrupted_step)
+    assert main(["distill", str(teacher), "--out", str(tmp_path / "student"), *quick]) == 130
+    assert "--resume" in capsys.readouterr().out
+    monkeypatch.setattr(distill_module.Distiller, "_train_step", train_step)
+    assert main(["distill", str(teacher), "--out", str(tmp_path / "student"), *quick, "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert main(["sample", str(tmp_path / "student"), "--num", "10", "--guidance-scale", "3"]) == 0
+    assert (tmp_path / "student" / "samples.png").is_file()
+    assert main(["distill", str(teacher), "--out", str(teacher)]) == 2

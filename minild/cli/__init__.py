@@ -1,4 +1,4 @@
-"""The ``minild`` command line: train, train-vae, sample, plugins, experiment, lab. Only this wing
+"""The ``minild`` command line: train, train-vae, distill, sample, plugins, experiment, lab. Only this wing
 prints and exits: ``parser`` builds the arguments, ``train`` and ``sample`` run the subcommands."""
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from minild.cli.sample import experiment as run_experiment
 from minild.cli.sample import lab_sdxl as run_lab_sdxl
 from minild.cli.sample import list_plugins as run_plugins
 from minild.cli.sample import sample as run_sample
+from minild.cli.train import distill as run_distill
 from minild.cli.train import train as run_train
 from minild.cli.train import train_vae as run_train_vae
 
@@ -50,6 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
     train_vae.add_argument("--max-minutes", type=float, default=None, help="stop after M minutes of training")
     train_vae.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default: from the config)")
     train_vae.set_defaults(run=run_train_vae)
+
+    distill = commands.add_parser("distill", help="distil a guided class-conditional run into a few-step student "
+                                  "that takes the guidance scale as an input (docs/distillation.md)")
+    distill.add_argument("run_dir", help="the teacher: a saved class-conditional run trained with train.p_uncond > 0")
+    distill.add_argument("--out", required=True, help="the student's run directory")
+    distill.add_argument("--steps", type=int, default=4, help="the student's sampling steps, a power of two (default 4)")
+    distill.add_argument("--max-minutes", type=float, default=None,
+                         help="time budget of the whole distillation, split evenly between its phases")
+    distill.add_argument("--resume", action="store_true", help="continue --out from its newest checkpoint")
+    distill.add_argument("--phase-iterations", type=int, default=None,
+                         help="optimizer steps per phase (default 400; --max-minutes may end a phase sooner)")
+    distill.add_argument("--batch-size", type=int, default=None, help="images per optimizer step (default 64)")
+    distill.add_argument("--max-steps", type=int, default=None,
+                         help="stop after N optimizer steps in all (resumable with --resume)")
+    distill.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default: the run's)")
+    distill.set_defaults(run=run_distill)
 
     sample = commands.add_parser("sample", help="sample a grid of images from a saved run")
     sample.add_argument("run_dir", help="directory written by `minild train` or Pipeline.save_pretrained")

@@ -1,4 +1,4 @@
-"""``minild train`` and ``minild train-vae``."""
+"""``minild train``, ``minild train-vae`` and ``minild distill``."""
 
 from __future__ import annotations
 
@@ -92,6 +92,25 @@ def train_vae(args) -> int:
     print(f"saved the VAE to {out}; wrote {out / RECONSTRUCTIONS_NAME} (originals above, reconstructions below) "
           f"and {out / METRICS_NAME}")
     return 0
+
+
+def distill(args) -> int:
+    from minild.pipeline import Pipeline
+
+    teacher = Pipeline.from_pretrained(args.run_dir)
+    if Path(args.out).resolve() == Path(args.run_dir).resolve():
+        raise ValueError(f"--out {args.out} is the teacher's run directory: give the student a directory of its own")
+    options = {key: getattr(args, key) for key in ("phase_iterations", "batch_size", "max_steps", "device")
+               if getattr(args, key) is not None}
+    result = teacher.distill(args.out, steps=args.steps, max_minutes=args.max_minutes, resume=args.resume, **options)
+    if result.resumed_from is not None:
+        print(f"resumed from {result.resumed_from}")
+    print(f"distilled {result.steps} steps ({result.phase} phases) in {result.seconds:.0f}s, stopped by {result.reason}; "
+          f"final loss {_mean_tail(result.losses):.4f}; saved the student to {args.out} "
+          f"(loss.png, samples/, phases/)")
+    if not result.finished:
+        print(f"continue with `minild distill {args.run_dir} --out {args.out} --steps {args.steps} --resume`")
+    return INTERRUPTED_EXIT_CODE if result.interrupted else 0
 
 
 def _mean_tail(values: list[float], n: int = 50) -> float:
