@@ -79,3 +79,9 @@ def test_bench_steps_scores_ddim_and_dpm_solver_on_a_saved_run(trained_run):
     output = run_script("bench_steps.py", "--run", str(trained_run))
     samplers = [row[0] for row in table_rows(output, "| sampler |")]
     assert samplers[0] == "ddim" and set(samplers[1:]) == {"dpm_solver_pp"}
+
+
+def test_bench_distill_distills_and_scores_every_halving_against_the_teacher(trained_run):
+    output = run_script("bench_distill.py", "--run", str(trained_run))
+    models = [row[0] for row in table_rows(output, "| model |")]
+    assert models == ["teacher (its defaults)", "student, 2 steps", "student, 1 steps"]
