@@ -11,6 +11,7 @@ import torch
 
 import minild
 from minild.training import distill as distill_module
+from minild.training import distill_targets
 from tests.conftest import tiny_class_pipeline, tiny_config
 
 QUICK = {"steps": 2, "start_steps": 4, "phase_iterations": 3, "batch_size": 8}  # a guided phase, one halving
@@ -153,3 +154,32 @@ def test_the_command_line_distills_samples_and_exits_130_on_ctrl_c(tmp_path, mon
     assert main(["sample", str(tmp_path / "student"), "--num", "10", "--guidance-scale", "3"]) == 0
     assert (tmp_path / "student" / "samples.png").is_file()
     assert main(["distill", str(teacher), "--out", str(teacher)]) == 2
+
+
+class PointMassEps(torch.nn.Module):
+    """The exact eps-model of data that is always the image ``c``: ε(x_t) = (x_t − √ᾱ_t c)/√(1 − ᾱ_t)."""
+
+    def __init__(self, schedule, c):
+        super().__init__()
+        self.schedule, self.c = schedule, c
+
+    def forward(self, x, t, class_labels=None, guidance_scale=None):
+        alpha, sigma = distill_targets.signal_and_noise(self.schedule, t, x)
+        return (x - alpha * self.c) / sigma
+
+
+def test_the_halving_target_of_an_exact_teacher_is_the_data_and_its_loss_zero():
+    schedule = minild.create("schedule", "linear", num_timesteps=100)
+    c = torch.rand(1, 1, 4, 4) * 2 - 1
+    exact = PointMassEps(schedule, c)
+    x0, labels = c.expand(6, -1, -1, -1), torch.zeros(6, dtype=torch.long)
+    loss = distill_targets.progressive_loss(exact, exact, schedule, 4, x0, labels, (1.0, 4.0),
+                                            torch.Generator().manual_seed(0))
+    assert float(loss) < 1e-8
+
+
+def test_the_distilled_chain_is_trailing_and_nests():
+    sampler = minild.create("sampler", "distilled", minild.create("schedule", "linear", num_timesteps=1000))
+    assert sampler.timesteps(4) == [999, 749, 499, 249]
+    for n in (1, 2, 4, 8, 16):
+        assert set(sampler.timesteps(n)) <= set(sampler.timesteps(2 * n))

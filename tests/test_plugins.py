@@ -137,7 +137,7 @@ def test_entry_point_plugin_is_discovered_and_usable_from_a_config(external_plug
 def test_allow_list_env_var_limits_third_party_plugins(external_plugin, monkeypatch):
     monkeypatch.setenv("MINILD_PLUGINS", "")
     plugins.reset_plugin_manager()
-    assert minild.available("sampler") == ["ddim", "ddpm", "dpm_solver_pp"]  # the built-ins only
+    assert minild.available("sampler") == ["ddim", "ddpm", "distilled", "dpm_solver_pp"]  # the built-ins only
     monkeypatch.setenv("MINILD_PLUGINS", "one_step")
     plugins.reset_plugin_manager()
     assert "one_step" in minild.available("sampler")

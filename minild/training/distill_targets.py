@@ -9,10 +9,9 @@ import torch
 from minild.schedule import NoiseSchedule
 
 
-def trailing_timestep(num_timesteps: int, k: torch.Tensor, num_steps: int) -> torch.Tensor:
-    """Step k of a trailing chain of ``num_steps``: T·k/n − 1 (−1 for k = 0, the clean image), [B] int64.
-
-    The same spacing as the ``distilled`` sampler, so the chain of 2n holds the chain of n."""
+def trailing_timestep(num_timesteps: int, k, num_steps: int):
+    """Step k of a trailing chain of ``num_steps``: ⌊T·k/n⌋ − 1 (−1 for k = 0, the clean image), for
+    an int k or a [B] int64 tensor. The ``distilled`` sampler's chain; the chain of 2n holds that of n."""
     return num_timesteps * k // num_steps - 1
 
 

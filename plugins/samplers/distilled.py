@@ -12,18 +12,20 @@ from typing import Callable
 import torch
 
 from minild import NoiseSchedule
+from minild.training.distill_targets import trailing_timestep
 
 from .common import GeneratorOrList, chain_from, check_default_steps, check_num_inference_steps, initial_latents, run_chain
 from .ddim import DDIMSampler
 
 
 def trailing_timesteps(num_timesteps: int, num_inference_steps: int) -> list[int]:
-    """diffusers' "trailing" spacing: T·k/n − 1 for k = n … 1 (floored), noisiest first.
+    """"Trailing" spacing, floored: T·k/n − 1 for k = n … 1, noisiest first (diffusers rounds
+    instead, which breaks the nesting when T·k/n is not an integer).
 
     4 steps of 1000 give 999, 749, 499, 249; the chain for 2n holds every timestep of the chain for n.
     """
     check_num_inference_steps(num_inference_steps, num_timesteps)
-    return [num_timesteps * k // num_inference_steps - 1 for k in range(num_inference_steps, 0, -1)]
+    return [trailing_timestep(num_timesteps, k, num_inference_steps) for k in range(num_inference_steps, 0, -1)]
 
 
 class DistilledSampler:
