@@ -183,3 +183,33 @@ def test_the_distilled_chain_is_trailing_and_nests():
     assert sampler.timesteps(4) == [999, 749, 499, 249]
     for n in (1, 2, 4, 8, 16):
         assert set(sampler.timesteps(n)) <= set(sampler.timesteps(2 * n))
+
+
+def test_a_distillation_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_path):
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from minild.training import checkpoint
+
+    config = {**tiny_config(model={"num_classes": 10}, train={"p_uncond": 0.1}), "image_shape": [1, 28, 28]}
+    options = {**QUICK, "phase_iterations": 1000, "checkpoint_every_minutes": 0.0}  # a checkpoint every step
+    script = "import json, sys, minild; minild.Pipeline.from_config(json.loads(sys.argv[1])).distill(sys.argv[2], **json.loads(sys.argv[3]))"
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-c", script, json.dumps(config), str(out), json.dumps(options)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while len(checkpoint.list_checkpoints(out)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        process.kill()  # SIGKILL: no handler runs
+        process.wait()
+    assert checkpoint.list_checkpoints(out), "no checkpoint was written before the kill"
+    resumed = tiny_class_pipeline().distill(out, **options, max_steps=12, resume=True)
+    assert resumed.resumed_from is not None and resumed.steps == 12
+    whole = tiny_class_pipeline().distill(tmp_path / "whole", **options, max_steps=12)
+    state, expected = resumed.student.model.state_dict(), whole.student.model.state_dict()
+    assert all(torch.equal(state[name], expected[name]) for name in expected)
