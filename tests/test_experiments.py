@@ -333,3 +333,16 @@ def test_prompt_frontier_needs_a_text_model(classifier):
 
     with pytest.raises(ValueError, match="needs a text-conditioned model"):
         run_prompt_frontier(RealDigitsPipeline(), classifier=classifier)
+
+
+def test_cli_cfg_digits_on_a_student_plots_its_frontier_beside_the_teachers(tmp_path, cached_classifier_env, capsys):
+    teacher = tmp_path / "teacher"
+    minild.Pipeline.from_config(tiny_config(model={"num_classes": 10}, train={"p_uncond": 0.1})).save_pretrained(teacher)
+    assert main(["distill", str(teacher), "--out", str(tmp_path / "student"), "--steps", "1", "--phase-iterations",
+                 "1", "--batch-size", "4"]) == 0
+    capsys.readouterr()
+    assert main(["experiment", "cfg-digits", str(tmp_path / "student"), "--per-class", "1", "--scales", "1", "3",
+                 "--batch-size", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "| cfg · student | 3 |" in out and "| cfg · teacher | 3 |" in out  # the teacher from distill.json
+    assert (tmp_path / "student" / "cfg_digits" / "frontier.png").is_file()

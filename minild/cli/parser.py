@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--steps", type=int, default=None, help="number of inference steps (default: the pipeline's)")
     cfg.add_argument("--seed", type=int, default=0)
     cfg.add_argument("--batch-size", type=int, default=200, help="images per generate() call")
+    cfg.add_argument("--beside", metavar="RUN_DIR", default=None,
+                     help="also score RUN_DIR (with its own sampler and steps) and plot both frontiers; default for "
+                          "a distilled student: its teacher")
     cfg.add_argument("--out", default=None, help="output folder (default: RUN_DIR/cfg_digits)")
     cfg.set_defaults(run=run_experiment)
     prompt = experiments.add_parser("prompt-digits", help="how often each prompt yields its digit")

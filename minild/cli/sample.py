@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 from minild import plugins
@@ -95,6 +97,14 @@ def experiment(args) -> int:
         run_prompt_frontier(pipe, methods=methods, guidance_scales=args.scales or (1.0, 2.0, 3.0, 5.0),
                             phrasings=getattr(args, "phrasings", None), per_class=args.per_class, sampler=args.sampler,
                             out_dir=out, classifier=classifier, log=print, **common)
+    elif args.experiment == "cfg-digits" and _beside(args) is not None:
+        from minild.evaluation.beside import run_cfg_digits_beside
+
+        other = Pipeline.from_pretrained(_beside(args))
+        name = "student" if getattr(pipe.model, "takes_guidance_scale", False) else Path(args.run_dir).name
+        run_cfg_digits_beside(pipe, other, name=name, other_name=Path(_beside(args)).name, methods=methods,
+                              guidance_scales=args.scales, per_class=args.per_class, sampler=args.sampler,
+                              out_dir=out, classifier=classifier, log=print, **common)
     elif args.experiment == "cfg-digits":
         experiments.run_cfg_digits(pipe, methods=methods, guidance_scales=args.scales, per_class=args.per_class,
                                    sampler=args.sampler, out_dir=out, classifier=classifier, log=print, **common)
@@ -106,6 +116,15 @@ def experiment(args) -> int:
     print((out / ("prompts.md" if args.experiment == "prompt-digits" and not frontier else "results.md")).read_text())
     print(f"wrote {out}")
     return 0
+
+
+def _beside(args) -> str | None:
+    """cfg-digits' --beside RUN, else the teacher a student was distilled from (its distill.json)."""
+    if getattr(args, "beside", None) is not None:
+        return args.beside
+    state = Path(args.run_dir) / "distill.json"
+    teacher = json.loads(state.read_text()).get("teacher") if state.is_file() else None
+    return teacher if teacher is not None and (Path(teacher) / "config.yaml").is_file() else None
 
 
 def edit_digits(args) -> int:

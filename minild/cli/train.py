@@ -102,6 +102,7 @@ def distill(args) -> int:
         raise ValueError(f"--out {args.out} is the teacher's run directory: give the student a directory of its own")
     options = {key: getattr(args, key) for key in ("phase_iterations", "batch_size", "max_steps", "device")
                if getattr(args, key) is not None}
+    options["teacher_dir"] = str(Path(args.run_dir).resolve())  # cfg-digits on the student plots it beside this
     result = teacher.distill(args.out, steps=args.steps, max_minutes=args.max_minutes, resume=args.resume, **options)
     if result.resumed_from is not None:
         print(f"resumed from {result.resumed_from}")

@@ -45,6 +45,7 @@ class DistillConfig:
     max_steps: int | None = None  # stop (resumably) after this many optimizer steps in all
     seed: int = 0
     device: str | None = None  # None: the teacher's train.device
+    teacher_dir: str | None = None  # where the teacher is saved, recorded so cfg-digits can plot the student beside it
 
     def check(self) -> None:
         """ValueErrors that name the option and the fix."""
@@ -215,7 +216,7 @@ class Distiller:
     def _write_state(self, status: str, reason: str | None = None) -> None:
         state = {"status": status, "reason": reason, "step": self.step, "phase": self.phase,
                  "phases": [f"{kind} {steps}" for kind, steps in self.phases], "seconds": round(self.seconds, 3),
-                 "distill": dataclasses.asdict(self.config)}
+                 "teacher": self.config.teacher_dir, "distill": dataclasses.asdict(self.config)}
         atomic_write(self.out_dir / STATE_NAME, lambda tmp: Path(tmp).write_text(json.dumps(state, indent=1)))
 
     def _set_phase_sampler(self) -> None:
