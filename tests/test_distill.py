@@ -12,7 +12,7 @@ import torch
 import minild
 from minild.training import distill as distill_module
 from minild.training import distill_targets
-from tests.conftest import tiny_class_pipeline, tiny_config
+from tests.conftest import tiny_class_pipeline, tiny_config, tiny_latent_class_pipeline
 
 QUICK = {"steps": 2, "start_steps": 4, "phase_iterations": 3, "batch_size": 8}  # a guided phase, one halving
 
@@ -213,3 +213,13 @@ def test_a_distillation_killed_with_sigkill_resumes_from_its_last_checkpoint_exa
     whole = tiny_class_pipeline().distill(tmp_path / "whole", **options, max_steps=12)
     state, expected = resumed.student.model.state_dict(), whole.student.model.state_dict()
     assert all(torch.equal(state[name], expected[name]) for name in expected)
+
+
+def test_a_latent_teacher_distills_into_a_self_contained_latent_student(tmp_path):
+    result = tiny_latent_class_pipeline(tmp_path / "vae").distill(tmp_path / "student", **QUICK)
+    assert result.finished and (tmp_path / "student" / "vae").is_dir()
+    student = minild.Pipeline.from_pretrained(tmp_path / "student")
+    assert student.image_shape == (4, 7, 7)
+    calls = count_model_calls(student.model)
+    assert student.generate(class_labels=[1, 2], guidance_scale=2.0, seed=0).shape == (2, 1, 28, 28)
+    assert calls == [2, 2]

@@ -124,7 +124,8 @@ def student_config(pipe, num_steps: int):
     config = copy.deepcopy(pipe.config)
     guidance = config.guidance or StageSpec("cfg", {"scale": 1.0})
     scale = plugins.create("guidance", guidance.name, **guidance.params).scale
-    config.model = StageSpec("guided_student", {"teacher": pipe.config.model.to_dict(), "default_guidance_scale": scale})
+    config.model = StageSpec("guided_student", {"teacher": pipe.config.model.to_dict(), "in_channels": pipe.image_shape[0],
+                                                "default_guidance_scale": scale})
     config.sampler = StageSpec("distilled", {"num_inference_steps": num_steps})
     config.guidance = guidance
     config.image_shape = list(pipe.image_shape)

@@ -22,6 +22,12 @@ def signal_and_noise(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tenso
     return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
 
 
+def _randn(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal noise shaped like ``like``, drawn on the generator's device (the CPU's stream
+    whatever device trains: resumable and the same on every machine) and moved to ``like``'s."""
+    return torch.randn(like.shape, generator=generator, device=generator.device).to(like.device, like.dtype)
+
+
 def guided_eps_loss(student, teacher, guider, schedule: NoiseSchedule, x0: torch.Tensor, labels: torch.Tensor,
                     scale: float, generator: torch.Generator) -> torch.Tensor:
     """Stage 1: ‖ε_student(x_t, t, c, w) − ε_guided(x_t, t, c; w)‖² at random t, one w for the batch.
@@ -31,8 +37,8 @@ def guided_eps_loss(student, teacher, guider, schedule: NoiseSchedule, x0: torch
     ``x0`` [B, C, H, W] training images (or latents), ``labels`` [B] their classes.
     """
     batch = x0.shape[0]
-    t = torch.randint(0, schedule.num_timesteps, (batch,), generator=generator, device=x0.device)  # [B]
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    t = torch.randint(0, schedule.num_timesteps, (batch,), generator=generator).to(x0.device)  # [B]
+    noise = _randn(x0, generator)
     alpha, sigma = signal_and_noise(schedule, t, x0)
     x_t = alpha * x0 + sigma * noise  # the forward process q(x_t | x_0)
     with torch.no_grad():
@@ -67,10 +73,10 @@ def progressive_loss(student, teacher, schedule: NoiseSchedule, num_steps: int, 
     the student are guidance-scale students; w is drawn per sample from ``scale_range``.
     """
     batch, T = x0.shape[0], schedule.num_timesteps
-    k = torch.randint(1, num_steps + 1, (batch,), generator=generator, device=x0.device)  # [B]
+    k = torch.randint(1, num_steps + 1, (batch,), generator=generator).to(x0.device)  # [B]
     low, high = scale_range
-    scales = low + (high - low) * torch.rand(batch, generator=generator, device=x0.device)  # [B]
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    scales = (low + (high - low) * torch.rand(batch, generator=generator)).to(x0.device)  # [B]
+    noise = _randn(x0, generator)
     t = trailing_timestep(T, k, num_steps)
     t_mid = trailing_timestep(T, 2 * k - 1, 2 * num_steps)
     t_prev = trailing_timestep(T, k - 1, num_steps)

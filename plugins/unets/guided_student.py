@@ -43,7 +43,8 @@ class GuidedStudent(nn.Module):
 
     - ``teacher``: ``{name: ..., **params}``, the teacher's model stage (a class-conditional model
       with a ``class_embedding`` whose vectors join its time embedding, as every built-in UNet has);
-    - ``num_classes``: overrides the teacher's (the conformance suite sets it);
+    - ``in_channels``, ``num_classes``: override the teacher's (the pipeline reads ``in_channels``
+      from the config to check it against the data or the VAE; the conformance suite sets both);
     - ``default_guidance_scale``: the scale used when a call gives none;
     - ``num_frequencies``, ``hidden_dim``: the size of the scale embedding.
 
@@ -53,14 +54,15 @@ class GuidedStudent(nn.Module):
 
     takes_guidance_scale = True
 
-    def __init__(self, *, teacher: dict | None = None, num_classes: int | None = None, default_guidance_scale: float = 1.0,
-                 num_frequencies: int = 6, hidden_dim: int = 64):
+    def __init__(self, *, teacher: dict | None = None, in_channels: int | None = None, num_classes: int | None = None,
+                 default_guidance_scale: float = 1.0, num_frequencies: int = 6, hidden_dim: int = 64):
         super().__init__()
         if not isinstance(teacher, dict) or not isinstance(teacher.get("name"), str):
             raise ValueError(f"guided_student: teacher must be a model stage {{name: ..., **params}}, got {teacher!r}")
         params = {key: value for key, value in teacher.items() if key != "name"}
-        if num_classes is not None:
-            params["num_classes"] = num_classes
+        for key, value in (("in_channels", in_channels), ("num_classes", num_classes)):
+            if value is not None:
+                params[key] = value
         self.model = minild.create("model", teacher["name"], **params)
         class_embedding = getattr(self.model, "class_embedding", None)
         if getattr(self.model, "num_classes", None) is None or not isinstance(class_embedding, nn.Module):
