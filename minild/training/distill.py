@@ -66,6 +66,7 @@ class DistillConfig:
                                                        and 0 <= low <= high):
             raise ValueError(f"distill: guidance_scale_range must be [low, high] with 0 <= low <= high, "
                              f"got {self.guidance_scale_range!r}")
+        self.guidance_scale_range = [float(low), float(high)]  # as a checkpoint records it
         for name in ("max_minutes", "max_steps"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not value > 0):
