@@ -80,9 +80,9 @@ class TestDistilled(SamplerConformance):
     name = "distilled"
 
 
-class TestDistilledTwoStepDefault(SamplerConformance):
+class TestDistilledTwoStepDefaultClipped(SamplerConformance):
     name = "distilled"
-    params = {"num_inference_steps": 2}
+    params = {"num_inference_steps": 2, "clip_sample": "clip"}
     num_inference_steps = 2
 
 

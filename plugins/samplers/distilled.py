@@ -30,10 +30,14 @@ class DistilledSampler(DDIMSampler):
 
     - ``num_inference_steps``: the chain the student was distilled for, which ``sample`` walks when
       given None (default 1); other lengths run, but a student is only trained for its own.
+    - ``clip_sample``: as DDIM's (``"none"``, ``"clip"``, ``"clip_rederive_eps"``). At T − 1 the x̂0 of
+      an eps-model is (x − σ ε)/α with α ≈ 0.006 on the linear schedule, so a one-step student's ε
+      error is magnified some 160×; clamping x̂0 to the data range bounds it (pixel models only).
     """
 
-    def __init__(self, schedule: NoiseSchedule, *, num_inference_steps: int = 1):
-        super().__init__(schedule, eta=0.0, final_alpha_cumprod="one", num_inference_steps=num_inference_steps)
+    def __init__(self, schedule: NoiseSchedule, *, num_inference_steps: int = 1, clip_sample: str = "none"):
+        super().__init__(schedule, eta=0.0, final_alpha_cumprod="one", num_inference_steps=num_inference_steps,
+                         clip_sample=clip_sample)
 
     def timesteps(self, num_inference_steps: int) -> list[int]:
         """The chain's timesteps, noisiest first: T − 1, …, ⌊T/n⌋ − 1."""
