@@ -41,7 +41,7 @@ def main() -> None:
                         help="guidance scales (1 = plain conditional)")
     add_device_argument(parser)
     args = parser.parse_args()
-    minutes, per_class, steps = ([0.05, 0.1], 5, 5) if args.quick else (sorted(args.minutes), args.per_class, args.steps)
+    minutes, per_class, steps = ([0.02, 0.04], 2, 2) if args.quick else (sorted(args.minutes), args.per_class, args.steps)
 
     default = default_config()
     target = count_parameters(minild.Pipeline.from_config(default).model)

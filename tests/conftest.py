@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import huggingface_hub.constants
 import pytest
 import torch
@@ -9,6 +11,19 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import minild
 from minild.lab.tiny_sdxl import build_tiny_sdxl, write_tiny_clip_tokenizer
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (the suite's default, pyproject.toml): a worker per core, at most four."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each worker takes its share of the cores: threads spinning in several workers at once stall
+    # each other. The CLIs the tests start inherit the share through OMP_NUM_THREADS.
+    _THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    torch.set_num_threads(_THREADS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
 
 # Tiny versions of every built-in eps-model: a forward pass takes milliseconds.
