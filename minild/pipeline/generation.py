@@ -12,11 +12,11 @@ from typing import Any, Callable
 import torch
 
 from minild import plugins
-from minild.pipeline import editing
 from minild.conditioning import wants_classes, wants_guidance_scale, wants_text
 from minild.config import StageSpec, parse_stage
 from minild.devices import resolve_batch_size, resolve_device, use_channels_last
 from minild.errors import GenerateArgumentError
+from minild.pipeline import editing
 from minild.pipeline.guidance import check_scale, guided_model_fn
 
 DEFAULT_NUM_INFERENCE_STEPS = 50  # for samplers that configure no num_inference_steps of their own
