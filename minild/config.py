@@ -60,6 +60,10 @@ class TrainConfig:
     epochs: int | None = None
     max_minutes: float | None = None  # training-time budget of the run; a resumed run counts its time before
     p_uncond: float = 0.1  # condition dropout for classifier-free guidance
+    # how the ε-MSE weighs the timesteps: uniform (DDPM's simple loss) | min_snr (Min-SNR-γ with
+    # γ = min_snr_gamma; minild.training.step.loss_weights)
+    loss_weighting: typing.Literal["uniform", "min_snr"] = "uniform"
+    min_snr_gamma: float = 5.0
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: typing.Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16: autocast; fp16: autocast + GradScaler, CUDA only

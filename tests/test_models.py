@@ -183,6 +183,27 @@ def test_dummy_eps_ignores_the_timestep():
     torch.testing.assert_close(model(x, t), model(x, t.flip(0) + 1), rtol=0, atol=0)
 
 
+class _NoAttention(torch.nn.Module):
+    def forward(self, h, context):
+        return h
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_simple_unet_pooled_context_conditions_without_cross_attention(pooled):
+    model = build("simple_unet", cross_attention_dim=CONTEXT_DIM, cross_attention_heads=2, pooled_context=pooled).eval()
+    model.encoder_attention = model.bottleneck_attention = model.decoder_attention = _NoAttention()
+    x, t = inputs()
+    with torch.no_grad():
+        first = model(x, t, context=context(seed=3))
+        second = model(x, t, context=context(seed=4))
+    assert torch.allclose(first, second) is not pooled  # only the pooled embedding is left to see the context
+
+
+def test_simple_unet_pooled_context_needs_cross_attention_dim():
+    with pytest.raises(ValueError, match="pooled_context needs a context; set cross_attention_dim"):
+        build("simple_unet", pooled_context=True)
+
+
 def test_simple_unet_rejects_inputs_smaller_than_its_pooling_depth():
     model = build("simple_unet")  # two levels: sides of at least 4
     x, t = inputs(size=(3, 8))

@@ -22,6 +22,7 @@ from minild import plugins
 from minild.training.checkpoint import list_checkpoints, read_checkpoint
 from minild.config import ConfigError, load_config
 from minild.data import ImageTensorDataset, load_dataset
+from minild.training.step import loss_weights
 from minild.training.trainer import lr_factor
 from tests.conftest import tiny_config
 
@@ -97,6 +98,34 @@ def test_lr_decay_needs_the_run_length():
         train(max_steps=None, max_minutes=1.0, lr_schedule="cosine")
 
 
+def test_min_snr_weights_match_diffusers_min_snr_gamma_for_an_eps_model():
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    ours = minild.create("schedule", "linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
+    reference = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    timesteps = torch.arange(1000)
+    snr = compute_snr(reference, timesteps)
+    expected = torch.stack([snr, 5.0 * torch.ones_like(snr)], dim=1).min(dim=1)[0] / snr  # diffusers' training scripts
+    config = minild.Pipeline.from_config(tiny_config(train={"loss_weighting": "min_snr"})).config.train
+    weights = loss_weights(config, ours.alphas_cumprod.double())
+    assert config.min_snr_gamma == 5.0 and weights.shape == (1000,)
+    torch.testing.assert_close(weights.float(), expected.float(), rtol=1e-5, atol=1e-6)
+    assert weights[-1] == 1.0 and weights[0] < 0.01  # the noisiest steps keep full weight, the cleanest nearly none
+    config.loss_weighting = "uniform"
+    assert loss_weights(config, ours.alphas_cumprod) is None
+
+
+def test_min_snr_training_weighs_the_same_draws_less_and_is_the_plain_loss_when_gamma_is_huge():
+    _, uniform = train(max_steps=3)
+    _, weighted = train(max_steps=3, loss_weighting="min_snr", min_snr_gamma=1.0)
+    _, unclamped = train(max_steps=3, loss_weighting="min_snr", min_snr_gamma=1e12)
+    # The same initial weights and draws: every weight is at most 1 and most are below, so the
+    # first step's loss is strictly lower; with γ above every SNR the weights are all 1.
+    assert weighted.losses[0] < uniform.losses[0]
+    assert unclamped.losses == pytest.approx(uniform.losses, rel=1e-6)
+
+
 def test_grad_accumulation_takes_one_optimizer_step_per_group_of_batches(recorder):
     _, result = train(batch_size=8, grad_accumulation_steps=2, max_steps=None, epochs=2)
     assert result.steps == 8 and result.epochs_completed == 2  # 64 images / (8 × 2) = 4 steps per epoch
@@ -123,6 +152,10 @@ def test_train_values_are_checked_at_the_config_edge_and_per_call(tmp_path):
         load_config(path)
     with pytest.raises(ValueError, match="train.grad_accumulation_steps must be at least 1, got 0"):
         train(grad_accumulation_steps=0)
+    with pytest.raises(ValueError, match="train.loss_weighting must be one of 'uniform', 'min_snr', got 'snr'"):
+        train(loss_weighting="snr")
+    with pytest.raises(ValueError, match="train.min_snr_gamma must be positive, got 0"):
+        train(loss_weighting="min_snr", min_snr_gamma=0)
     with pytest.raises(ValueError, match="train.lr_schedule must be one of 'constant', 'cosine', 'linear'"):
         train(lr_schedule="exponential")
     with pytest.raises(ValueError, match=r"train.seed must be in \[0, 2\*\*64\) \(torch wraps a negative seed"):

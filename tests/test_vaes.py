@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +70,14 @@ def test_digits_vae_encodes_digits_to_4x7x7_latents_and_decodes_to_images():
     images = vae.decode(latents)
     assert images.shape == (6, 1, 28, 28)
     assert images.abs().max() <= 1
+
+
+@pytest.mark.parametrize(("name", "latent_shape"), [("digits_vae.yaml", (4, 7, 7)), ("digits_vae_f2.yaml", (2, 14, 14))])
+def test_the_shipped_digits_vae_configs_build_the_latents_they_promise(name, latent_shape):
+    config = load_vae_training_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    vae = minild.create("vae", config.vae.name, **config.vae.params)
+    assert vae.latent_shape((1, 28, 28)) == latent_shape
+    assert vae.encode(digits(2)).shape == (2, *latent_shape)
 
 
 def test_digits_vae_latents_are_multiplied_by_the_latent_scale(tiny_digits_vae_dir):

@@ -68,6 +68,20 @@ def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     return torch.compile(model, mode=None if mode == "default" else mode)
 
 
+def loss_weights(config: TrainConfig, alphas_cumprod: torch.Tensor) -> torch.Tensor | None:
+    """The per-timestep weights of the ε-MSE for ``train.loss_weighting``: None for ``"uniform"``
+    (DDPM's simple loss, every timestep alike); for ``"min_snr"``, Min-SNR-γ (Hang et al. 2023) for
+    an ε-prediction model, ``w_t = min(SNR_t, γ) / SNR_t`` with ``SNR_t = ᾱ_t / (1 − ᾱ_t)`` and
+    γ = ``train.min_snr_gamma``: the nearly clean timesteps (SNR above γ), whose gradients pull
+    against the noisier ones' while doing little for the samples, count less, and the model
+    converges in fewer steps (measured on the latent configs in docs/conditional-defaults.md).
+    ``[T]``, indexed by timestep."""
+    if config.loss_weighting == "uniform":
+        return None
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    return snr.clamp(max=config.min_snr_gamma) / snr
+
+
 class TrainStep:
     """One optimizer step over ``grad_accumulation_steps`` forward-pass batches (the hot path:
     no host sync unless the loss is read back, ``read_loss=True``)."""
@@ -81,6 +95,8 @@ class TrainStep:
         precision = trainer.config.precision
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.autocast = (lambda: torch.autocast(trainer.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+        weights = loss_weights(trainer.config, trainer.schedule.alphas_cumprod.double())
+        self.loss_weights = None if weights is None else weights.float().to(trainer.device)
 
     def __call__(self, micro_batches, *, read_loss: bool = True) -> float | torch.Tensor:
         """The step's mean loss: a float with ``read_loss`` (a NaN or inf loss then leaves the
@@ -127,7 +143,11 @@ class TrainStep:
         scaler = self.trainer.scaler
         with self.autocast():
             eps = self.model(x_t, t, **kwargs)
-        loss = F.mse_loss(eps.float(), noise) / accumulation
+        if self.loss_weights is None:
+            loss = F.mse_loss(eps.float(), noise) / accumulation
+        else:
+            per_image = (eps.float() - noise).pow(2).flatten(1).mean(dim=1)  # [B]
+            loss = (per_image * self.loss_weights[t]).mean() / accumulation
         with self.trainer.processes.no_sync(self.model, last=last):
             (scaler.scale(loss) if scaler is not None else loss).backward()
         return loss

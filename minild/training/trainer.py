@@ -377,7 +377,7 @@ def _total_steps(config: TrainConfig, steps_per_epoch: int) -> int | None:
 def validate_train_config(config: TrainConfig) -> None:
     """Reject values the config's types cannot (ranges, and choices given as ``train()`` overrides)."""
     hints = typing.get_type_hints(TrainConfig)
-    for key in ("lr_schedule", "precision", "compile"):
+    for key in ("lr_schedule", "precision", "compile", "loss_weighting"):
         choices = typing.get_args(hints[key])
         if getattr(config, key) not in choices:
             options = ", ".join(map(repr, choices))
@@ -393,6 +393,7 @@ def validate_train_config(config: TrainConfig) -> None:
         "epochs": (config.epochs is None or config.epochs >= 1, "at least 1 or null"),
         "max_minutes": (config.max_minutes is None or config.max_minutes > 0, "positive or null"),
         "p_uncond": (0.0 <= config.p_uncond <= 1.0, "in [0, 1]"),
+        "min_snr_gamma": (config.min_snr_gamma > 0, "positive"),
         "seed": (0 <= config.seed < 2**64, "in [0, 2**64) (torch wraps a negative seed onto another one)"),
         "loss_readback_every": (config.loss_readback_every is None or config.loss_readback_every >= 1,
                                 "at least 1 or null"),

@@ -73,6 +73,21 @@ class ClassEmbedding(nn.Module):
         return self.embedding(class_labels)  # [B, dim]
 
 
+class PooledContextEmbedding(nn.Module):
+    """A context's mean over its L positions (padding included: the text encoders pad every prompt
+    to the same ``max_length``), normalised and projected to ``dim``: Imagen's pooled text
+    embedding, added to the time embedding so that every block sees the whole prompt, beside the
+    cross-attention that reads it token by token. ``[B, L, D]`` → ``[B, dim]``."""
+
+    def __init__(self, context_dim: int, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(context_dim)
+        self.proj = nn.Linear(context_dim, dim)
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(context.mean(dim=1)))
+
+
 # ---------------------------------------------------------------------------
 # Normalisation and padding
 # ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from torch import nn
 from minild_plugins.unets.blocks import (
     Attention,
     ClassEmbedding,
+    PooledContextEmbedding,
     SinusoidalEmbedding,
     check_constructor_conditioning,
     check_inputs,
@@ -49,8 +50,9 @@ class SimpleUNet(nn.Module):
 
     Conditioning: ``num_classes`` adds a learned class vector to the time embedding;
     ``cross_attention_dim`` puts cross-attention after the deepest encoder level, the
-    bottleneck and the deepest decoder level; ``attention`` puts self-attention at the
-    bottleneck. Inputs need sides of at least 2^len(channel_mults).
+    bottleneck and the deepest decoder level, and ``pooled_context`` also adds the context's
+    mean over tokens (normalised, projected) to the time embedding, as Imagen does with its
+    pooled text embedding; ``attention`` puts self-attention at the bottleneck. Inputs need sides of at least 2^len(channel_mults).
     """
 
     def __init__(
@@ -67,9 +69,12 @@ class SimpleUNet(nn.Module):
         num_classes: int | None = None,
         cross_attention_dim: int | None = None,
         cross_attention_heads: int = 4,
+        pooled_context: bool = False,
     ):
         super().__init__()
         check_constructor_conditioning("simple_unet", num_classes, cross_attention_dim)
+        if pooled_context and cross_attention_dim is None:
+            raise ValueError("simple_unet: pooled_context needs a context; set cross_attention_dim as well")
         if not channel_mults:
             raise ValueError("simple_unet: channel_mults needs at least one level, e.g. [1, 2, 4]")
         out_channels = in_channels if out_channels is None else out_channels
@@ -94,6 +99,7 @@ class SimpleUNet(nn.Module):
             nn.Linear(4 * time_embedding_dim, time_embedding_dim),
         )
         self.class_embedding = ClassEmbedding(num_classes, time_embedding_dim) if num_classes is not None else None
+        self.context_embedding = PooledContextEmbedding(cross_attention_dim, time_embedding_dim) if pooled_context else None
 
         level_channels = [base_channels * mult for mult in channel_mults]
         self.encoder = nn.ModuleList()
@@ -143,6 +149,8 @@ class SimpleUNet(nn.Module):
         emb = self.time_mlp(self.time_embedding(t))  # [B, time_embedding_dim]
         if self.class_embedding is not None:
             emb = emb + self.class_embedding(class_labels, x.shape[0])
+        if self.context_embedding is not None:
+            emb = emb + self.context_embedding(context)
 
         skips = []
         h = x
