@@ -72,7 +72,9 @@ def test_digits_vae_encodes_digits_to_4x7x7_latents_and_decodes_to_images():
     assert images.abs().max() <= 1
 
 
-@pytest.mark.parametrize(("name", "latent_shape"), [("digits_vae.yaml", (4, 7, 7)), ("digits_vae_f2.yaml", (2, 14, 14))])
+@pytest.mark.parametrize(
+    ("name", "latent_shape"), [("digits_vae.yaml", (4, 7, 7)), ("digits_vae_f2.yaml", (2, 14, 14))]
+)
 def test_the_shipped_digits_vae_configs_build_the_latents_they_promise(name, latent_shape):
     config = load_vae_training_config(Path(__file__).resolve().parents[1] / "configs" / name)
     vae = minild.create("vae", config.vae.name, **config.vae.params)

@@ -74,7 +74,7 @@ def loss_weights(config: TrainConfig, alphas_cumprod: torch.Tensor) -> torch.Ten
     an ε-prediction model, ``w_t = min(SNR_t, γ) / SNR_t`` with ``SNR_t = ᾱ_t / (1 − ᾱ_t)`` and
     γ = ``train.min_snr_gamma``: the nearly clean timesteps (SNR above γ), whose gradients pull
     against the noisier ones' while doing little for the samples, count less, and the model
-    converges in fewer steps (measured on the latent configs in docs/conditional-defaults.md).
+    converges in fewer steps (measured on the conditional configs in docs/conditional-defaults.md).
     ``[T]``, indexed by timestep."""
     if config.loss_weighting == "uniform":
         return None

@@ -52,7 +52,8 @@ class SimpleUNet(nn.Module):
     ``cross_attention_dim`` puts cross-attention after the deepest encoder level, the
     bottleneck and the deepest decoder level, and ``pooled_context`` also adds the context's
     mean over tokens (normalised, projected) to the time embedding, as Imagen does with its
-    pooled text embedding; ``attention`` puts self-attention at the bottleneck. Inputs need sides of at least 2^len(channel_mults).
+    pooled text embedding; ``attention`` puts self-attention at the bottleneck. Inputs need
+    sides of at least 2^len(channel_mults).
     """
 
     def __init__(
@@ -99,7 +100,9 @@ class SimpleUNet(nn.Module):
             nn.Linear(4 * time_embedding_dim, time_embedding_dim),
         )
         self.class_embedding = ClassEmbedding(num_classes, time_embedding_dim) if num_classes is not None else None
-        self.context_embedding = PooledContextEmbedding(cross_attention_dim, time_embedding_dim) if pooled_context else None
+        self.context_embedding = (
+            PooledContextEmbedding(cross_attention_dim, time_embedding_dim) if pooled_context else None
+        )
 
         level_channels = [base_channels * mult for mult in channel_mults]
         self.encoder = nn.ModuleList()
